@@ -1,0 +1,420 @@
+"""Typed experiment configuration: dataclasses, YAML loading and overrides.
+
+An experiment is one `ExperimentConfig`. It is read from YAML with
+`load_config(path, params_override)`, where the override string follows
+tf-models-official's trainers: "a.b=1,c.d=x,e.f=[1, 2]". Every value is parsed
+as YAML and checked against the field's declared type. An unknown key, a value
+of the wrong type or a malformed override raises `ConfigError`, naming the key.
+
+Defaults are the paper's settings (Dai et al., R-FCN, NIPS 2016) for ResNet-101
+on Pascal VOC; the YAML files in configs/ override what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with the offending key in the message."""
+
+
+# ---------------------------------------------------------------- model ------
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    """ResNet backbone whose conv5 runs at stride 1, dilation 2 (feature stride 16).
+
+    depth: 18, 34, 50 or 101. 18 and 34 are the small CPU-friendly variants.
+    pretrained: "" (random init), "imagenet" (Keras application weights, only
+      where the network offers them), or a path to a tf.train.Checkpoint prefix
+      or a Keras .h5/.weights.h5 file holding backbone weights.
+    freeze_at: 0 trains everything; 1 freezes the stem; 2 freezes the stem and
+      the first residual stage (the paper's setting).
+    frozen_batch_norm: batch-norm statistics and affine parameters are constants.
+    """
+
+    depth: int = 101
+    output_stride: int = 16
+    pretrained: str = ""
+    freeze_at: int = 2
+    frozen_batch_norm: bool = True
+    norm_momentum: float = 0.997
+    norm_epsilon: float = 1e-5
+
+
+@dataclasses.dataclass
+class AnchorConfig:
+    """Anchors on the stride-16 conv4 map: sizes in input pixels x aspect ratios (h/w)."""
+
+    scales: List[float] = dataclasses.field(default_factory=lambda: [128.0, 256.0, 512.0])
+    aspect_ratios: List[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+@dataclasses.dataclass
+class RpnConfig:
+    """Region proposal network: a 3x3 conv then sibling objectness and box 1x1 convs."""
+
+    conv_channels: int = 512
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    foreground_iou: float = 0.7
+    background_iou: float = 0.3
+    pre_nms_top_k_train: int = 12000
+    pre_nms_top_k_test: int = 6000
+    nms_iou: float = 0.7
+    post_nms_top_k_train: int = 2000
+    post_nms_top_k_test: int = 300
+    min_box_size: float = 0.0
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    """Position-sensitive head on conv5.
+
+    psroi_impl: "custom" (compiled op), "portable" (stock TF ops) or "auto".
+    """
+
+    reduce_channels: int = 1024
+    group_size: int = 7
+    class_agnostic_box: bool = True
+    psroi_impl: str = "auto"
+
+
+@dataclasses.dataclass
+class RoiSamplerConfig:
+    """Second-stage RoI labelling and selection.
+
+    A RoI is foreground at IoU >= foreground_iou with a ground-truth box and
+    background at IoU in [background_iou_low, background_iou_high).
+    With OHEM, the loss is computed on all proposals and only the
+    `ohem_batch_size` hardest (after NMS at `ohem_nms_iou`) are back-propagated;
+    without it, `rois_per_image` RoIs are sampled at `foreground_fraction`.
+    """
+
+    foreground_iou: float = 0.5
+    background_iou_high: float = 0.5
+    background_iou_low: float = 0.0
+    ohem: bool = True
+    ohem_batch_size: int = 128
+    ohem_nms_iou: float = 0.7
+    rois_per_image: int = 128
+    foreground_fraction: float = 0.25
+    box_stds: List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
+
+
+@dataclasses.dataclass
+class DetectionConfig:
+    """Inference post-processing: per-class NMS on the decoded boxes."""
+
+    nms_iou: float = 0.3
+    score_threshold: float = 0.05
+    max_detections: int = 100
+    max_detections_per_class: int = 100
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Weights of the four loss terms (the paper uses 1 for all)."""
+
+    rpn_class_weight: float = 1.0
+    rpn_box_weight: float = 1.0
+    rfcn_class_weight: float = 1.0
+    rfcn_box_weight: float = 1.0
+    rpn_huber_delta: float = 1.0 / 9.0
+    rfcn_huber_delta: float = 1.0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The R-FCN detector. num_classes counts object classes, without background."""
+
+    num_classes: int = 20
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    anchor: AnchorConfig = dataclasses.field(default_factory=AnchorConfig)
+    rpn: RpnConfig = dataclasses.field(default_factory=RpnConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    roi_sampler: RoiSamplerConfig = dataclasses.field(default_factory=RoiSamplerConfig)
+    detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+
+
+# ----------------------------------------------------------------- data ------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """One input split.
+
+    format: "voc" (root with Annotations/, ImageSets/Main/, JPEGImages/),
+      "coco" (instances JSON + image dir), "tfrecord" (glob of TF OD API
+      tf.Example shards) or "synthetic" (generated on the fly into `path`).
+    path: dataset root (voc, synthetic), the image directory (coco) or a file
+      glob (tfrecord). Relative paths are taken from the working directory.
+    annotation_file: COCO instances JSON (coco only).
+    split: VOC image set name (e.g. "trainval", "test").
+    label_map: optional path to a label map; empty means the dataset's own.
+    class_names: class names in id order (id 1 first); empty means from the
+      label map / dataset.
+    strict_label_map: unknown class names are an error instead of a counted skip.
+    short_side / max_side: resize so the short side is `short_side` unless the
+      long side would exceed `max_side`.
+    multiscale_short_sides: when non-empty (training), the short side is drawn
+      from this list per image.
+    """
+
+    format: str = "voc"
+    path: str = ""
+    annotation_file: str = ""
+    split: str = "trainval"
+    label_map: str = ""
+    class_names: List[str] = dataclasses.field(default_factory=list)
+    strict_label_map: bool = False
+    is_training: bool = True
+    short_side: int = 600
+    max_side: int = 1000
+    multiscale_short_sides: List[int] = dataclasses.field(default_factory=list)
+    random_flip: bool = True
+    use_difficult: bool = False
+    max_boxes: int = 100
+    shuffle_buffer: int = 1000
+    cache: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    num_parallel_calls: int = -1
+    synthetic_num_images: int = 64
+    synthetic_image_size: List[int] = dataclasses.field(default_factory=lambda: [320, 320])
+
+
+# ------------------------------------------------------------- training ------
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """SGD with momentum, linear warmup, then step decay or cosine.
+
+    schedule: "step" multiplies the rate by `decay_factor` at each boundary
+      (steps); "cosine" decays to 0 at the end of training.
+    weight_decay: L2 on kernels only (not on batch-norm or bias variables).
+    clip_norm: global-norm gradient clipping; 0 disables it.
+    """
+
+    learning_rate: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.1
+    schedule: str = "step"
+    decay_boundaries: List[int] = dataclasses.field(default_factory=list)
+    decay_factor: float = 0.1
+    clip_norm: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop.
+
+    batch_size: images per replica. distribution: "default", "mirrored" or
+    "multi_worker" (reads TF_CONFIG). mixed_precision: "", "mixed_float16" or
+    "mixed_bfloat16".
+    """
+
+    batch_size: int = 1
+    steps: int = 80000
+    steps_per_epoch: int = 1000
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    distribution: str = "default"
+    mixed_precision: str = ""
+    checkpoint_every_steps: int = 1000
+    summary_every_steps: int = 100
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation: which metrics to compute ("voc", "coco") and how many images."""
+
+    batch_size: int = 1
+    metrics: List[str] = dataclasses.field(default_factory=lambda: ["voc", "coco"])
+    max_images: int = 0
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """SavedModel export defaults."""
+
+    psroi_impl: str = "portable"
+    input_type: str = "image_tensor"
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train_data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval_data: DataConfig = dataclasses.field(
+        default_factory=lambda: DataConfig(split="test", is_training=False, random_flip=False))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+
+# ----------------------------------------------------------- conversion ------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Checks `value` against the type annotation `tp`, converting int->float."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list of {_type_name(item_tp)}, "
+                              f"got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section and expects a mapping, "
+                              f"got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+
+
+def from_dict(cls, data: Dict[str, Any], prefix: str = ""):
+    """Builds dataclass `cls` from a nested dict; unknown keys raise ConfigError."""
+    if data is None:
+        data = {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; "
+                          f"valid keys under '{prefix or '<top>'}' are {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> Dict[str, Any]:
+    """The nested-dict (YAML-ready) form of a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def _split_top_level(text: str) -> List[str]:
+    """Splits "a=1,b=[1, 2],c=x" on commas outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    if quote or depth:
+        raise ConfigError(f"params_override has unbalanced brackets or quotes: {text!r}")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_overrides(params_override: str) -> Dict[str, Any]:
+    """Parses "a.b=1,c.d=x" (or a YAML mapping / YAML file path) into a nested dict."""
+    if not params_override or not params_override.strip():
+        return {}
+    if os.path.isfile(params_override):
+        with open(params_override, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    nested: Dict[str, Any] = {}
+    for item in _split_top_level(params_override):
+        if "=" not in item:
+            raise ConfigError(f"params_override entry {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"params_override entry {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"params_override value for '{key}' is not valid YAML: {e}") from e
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"params_override sets '{key}' below a non-section value")
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(config_file: Optional[str] = None,
+                params_override: str = "") -> ExperimentConfig:
+    """Loads defaults <- YAML file <- overrides into an ExperimentConfig.
+
+    Raises ConfigError for a missing file, unknown keys or values of the wrong type.
+    """
+    data = to_dict(ExperimentConfig())
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
+        with open(config_file, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        from_dict(ExperimentConfig, loaded)  # names the bad key relative to the file
+        data = _deep_merge(data, loaded)
+    data = _deep_merge(data, parse_overrides(params_override))
+    return from_dict(ExperimentConfig, data)
+
+
+def save_config(config: ExperimentConfig, path: str) -> None:
+    """Writes `config` as YAML; load_config(path) gives an equal config back."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)

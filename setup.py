@@ -1,0 +1,146 @@
+"""Build and install rfcn-tf.
+
+`pip install .` (or `pip install -e .`) compiles the PSRoIPool op library
+`rfcn_tf/ops/_psroi_pool_ops*.so` against the TensorFlow it will run with,
+using the compile and link flags from `tf.sysconfig`.
+
+CUDA kernels are compiled into the same library when `nvcc` is found (on PATH
+or under $CUDA_HOME/bin, /usr/local/cuda/bin). `RFCN_TF_CUDA=1` forces them
+(and fails if nvcc is missing); `RFCN_TF_CUDA=0` builds a CPU-only library.
+`RFCN_TF_CUDA_ARCHS` overrides the list of SM architectures, e.g. "80;90".
+The CUDA runtime is linked statically, so the library loads and runs its CPU
+kernel on a machine with no GPU and no driver.
+"""
+
+import os
+import shutil
+import subprocess
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+OP_DIR = os.path.join("custom_ops", "psroi_pool")
+CPU_SOURCES = ["psroi_pool_ops.cc", "psroi_pool_kernels.cc"]
+CUDA_SOURCES = ["psroi_pool_kernels.cu.cc"]
+HEADERS = ["psroi_pool_math.h", "psroi_pool_launch.h"]
+DEFAULT_CUDA_ARCHS = "75;80;86;89;90"
+
+
+def _find_nvcc():
+    """Returns the path of nvcc, or None."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+def _want_cuda():
+    """Decides whether CUDA kernels are built; returns the nvcc path or None."""
+    forced = os.environ.get("RFCN_TF_CUDA")
+    nvcc = _find_nvcc()
+    if forced == "0":
+        print("rfcn-tf: RFCN_TF_CUDA=0, building the CPU-only PSRoIPool library")
+        return None
+    if forced == "1" and nvcc is None:
+        raise RuntimeError("rfcn-tf: RFCN_TF_CUDA=1 but nvcc was not found on PATH, "
+                           "$CUDA_HOME/bin or /usr/local/cuda/bin")
+    if forced not in (None, "", "0", "1"):
+        raise RuntimeError(f"rfcn-tf: RFCN_TF_CUDA must be 0 or 1, got {forced!r}")
+    if nvcc is None:
+        print("rfcn-tf: nvcc not found, building the CPU-only PSRoIPool library")
+    return nvcc
+
+
+def _run(cmd):
+    print(" ".join(cmd), flush=True)
+    subprocess.check_call(cmd)
+
+
+class TensorFlowOpExtension(Extension):
+    """A TensorFlow custom-op library compiled with tf.sysconfig's flags."""
+
+    def __init__(self, name):
+        sources = [os.path.join(OP_DIR, s) for s in CPU_SOURCES + CUDA_SOURCES]
+        super().__init__(name, sources=sources,
+                         depends=[os.path.join(OP_DIR, h) for h in HEADERS])
+
+
+class BuildTensorFlowOp(build_ext):
+    """Compiles TensorFlowOpExtension with g++ (and nvcc) instead of distutils."""
+
+    def build_extension(self, ext):
+        if not isinstance(ext, TensorFlowOpExtension):
+            return super().build_extension(ext)
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        output = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        tmp = os.path.abspath(self.build_temp)
+        os.makedirs(tmp, exist_ok=True)
+        cxx = os.environ.get("CXX", "g++")
+        tf_cflags = tf.sysconfig.get_compile_flags()
+        tf_lflags = tf.sysconfig.get_link_flags()
+        cflags = ["-std=c++17", "-O3", "-fPIC", "-Wall", "-Wno-sign-compare"] + tf_cflags
+        objects = []
+        ldflags = []
+
+        nvcc = _want_cuda()
+        if nvcc:
+            cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+            archs = os.environ.get("RFCN_TF_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";")
+            gencode = []
+            for arch in archs:
+                gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+            gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+            for src in CUDA_SOURCES:
+                obj = os.path.join(tmp, src + ".o")
+                _run([nvcc, "-c", "-x", "cu", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+                      "-Xcompiler", "-fPIC", "-I", OP_DIR] + gencode +
+                     [os.path.join(OP_DIR, src), "-o", obj])
+                objects.append(obj)
+            cflags += ["-DGOOGLE_CUDA=1", "-I", os.path.join(cuda_home, "include")]
+            ldflags += ["-L", os.path.join(cuda_home, "lib64"), "-lcudart_static", "-ldl",
+                        "-lrt", "-lpthread"]
+            print(f"rfcn-tf: building PSRoIPool with CUDA kernels for sm_{','.join(archs)}")
+
+        for src in CPU_SOURCES:
+            obj = os.path.join(tmp, src + ".o")
+            _run([cxx, "-c", os.path.join(OP_DIR, src), "-o", obj, "-I", OP_DIR] + cflags)
+            objects.append(obj)
+        _run([cxx, "-shared", "-o", output] + objects + tf_lflags + ldflags)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+setup(
+    name="rfcn-tf",
+    version="0.1.0",
+    description="R-FCN object detection for TensorFlow/Keras with a compiled PSRoIPool op",
+    long_description=_read("README.md"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rfcn_tf", "rfcn_tf.*"]),
+    ext_modules=[TensorFlowOpExtension("rfcn_tf.ops._psroi_pool_ops")],
+    cmdclass={"build_ext": BuildTensorFlowOp},
+    install_requires=[
+        "tensorflow==2.20.0",
+        "tf-models-official==2.20.*",
+        "tf-keras==2.20.*",
+        "numpy",
+        "pycocotools",
+        "absl-py",
+        "pyyaml",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+    },
+    zip_safe=False,
+)
