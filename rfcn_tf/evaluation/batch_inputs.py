@@ -26,7 +26,7 @@ with ymax < ymin or xmax < xmin, class ids outside [1, num_classes]) raises
 ValueError naming the key and the problem.
 """
 
-from typing import Any, Mapping, NamedTuple, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class GroundtruthBatch(NamedTuple):
     classes: np.ndarray  # [B,M] int64
     difficult: np.ndarray  # [B,M] bool
     is_crowd: np.ndarray  # [B,M] bool
-    image_size: Union[np.ndarray, None]  # [B,2] int64 (h, w) or None
+    image_size: Optional[np.ndarray]  # [B,2] int64 (h, w) or None
     valid: np.ndarray  # [B,M] bool
 
 
@@ -99,12 +99,15 @@ def _check_boxes(name: str, boxes: np.ndarray, valid: np.ndarray) -> None:
                          f"{used[inverted][0].tolist()}")
 
 
-def _check_classes(name: str, classes: np.ndarray, valid: np.ndarray, num_classes: int) -> None:
+def _check_classes(name: str, classes: np.ndarray, valid: np.ndarray,
+                   num_classes: Optional[int]) -> None:
+    """Class ids must lie in [1, num_classes], or be >= 1 when num_classes is None."""
     used = classes[valid]
-    bad = (used < 1) | (used > num_classes)
+    bad = (used < 1) | (used > (num_classes if num_classes is not None else np.inf))
     if np.any(bad):
-        raise ValueError(f"'{name}' holds class id(s) {sorted(set(used[bad].tolist()))[:10]} "
-                         f"outside [1, {num_classes}]")
+        allowed = f"[1, {num_classes}]" if num_classes is not None else ">= 1"
+        raise ValueError(f"'{name}' holds class id(s) {sorted(set(used[bad].tolist()))[:10]}; "
+                         f"class ids must be {allowed}")
 
 
 def read_groundtruths(groundtruths: Mapping[str, Any], num_classes: int) -> GroundtruthBatch:
@@ -141,11 +144,12 @@ def read_groundtruths(groundtruths: Mapping[str, Any], num_classes: int) -> Grou
         is_crowd=flags["gt_is_crowd"], image_size=image_size, valid=valid)
 
 
-def read_detections(detections: Mapping[str, Any], num_classes: int,
-                    batch_size: Union[int, None] = None) -> DetectionBatch:
+def read_detections(detections: Mapping[str, Any], num_classes: Optional[int],
+                    batch_size: Optional[int] = None) -> DetectionBatch:
     """Checks a detection batch (see module docstring) and returns its arrays.
 
-    `batch_size`, when given, must equal the batch dimension of every key.
+    `num_classes` None accepts any class id >= 1. `batch_size`, when given,
+    must equal the batch dimension of every key.
     """
     what = "detections"
     boxes = _require(detections, "detection_boxes", what).astype(np.float64)
