@@ -218,11 +218,25 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The training loop.
+    """The training loop (`rfcn_tf.train`).
 
-    batch_size: images per replica. distribution: "default", "mirrored" or
-    "multi_worker" (reads TF_CONFIG). mixed_precision: "", "mixed_float16" or
-    "mixed_bfloat16".
+    batch_size: images per replica; the global batch is batch_size times the
+      number of replicas.
+    steps: total optimizer updates; must be a multiple of steps_per_epoch.
+    steps_per_epoch: updates per Keras epoch. The latest checkpoint
+      (model_dir/ckpt-<step>) is written at every epoch end.
+    distribution: "default", "mirrored" or "multi_worker" (reads TF_CONFIG).
+    mixed_precision: "" (float32), "mixed_float16" (with dynamic loss scaling)
+      or "mixed_bfloat16".
+    checkpoint_every_steps: updates between fault-tolerance backups
+      (model_dir/backup, tf_keras BackupAndRestore); a killed run resumes from
+      the last backup, mid-epoch. Capped at steps_per_epoch.
+    max_checkpoints_to_keep: how many latest checkpoints stay on disk.
+    summary_every_steps: updates between TensorBoard loss/learning-rate points.
+    eval_every_epochs: in train_and_eval mode, evaluate after every N epochs
+      (and always after the last); 0 evaluates only after the last.
+    verbose: Keras verbosity: 1 progress bar, 2 one line per epoch, 0 silent.
+    seed: seeds TensorFlow, NumPy and Python's random before the model is built.
     """
 
     batch_size: int = 1
@@ -232,17 +246,35 @@ class TrainConfig:
     distribution: str = "default"
     mixed_precision: str = ""
     checkpoint_every_steps: int = 1000
+    max_checkpoints_to_keep: int = 3
     summary_every_steps: int = 100
+    eval_every_epochs: int = 1
+    verbose: int = 1
     seed: int = 0
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Evaluation: which metrics to compute ("voc", "coco") and how many images."""
+    """Evaluation.
+
+    metrics: any of "voc" (VOC07 11-point and area AP per class) and "coco"
+      (pycocotools AP, AP50, AP75, APs/m/l).
+    max_images: evaluate only the first N images (0: all).
+    iou_threshold: VOC matching threshold.
+    best_metric: the metric whose maximum selects model_dir/best, e.g.
+      "voc07_mAP@0.5", "voc_mAP@0.5" or "AP" (COCO).
+    num_sample_images: images drawn with their detections into TensorBoard at
+      each evaluation during training (0: none).
+    sample_score_threshold: detections below this score are not drawn.
+    """
 
     batch_size: int = 1
     metrics: List[str] = dataclasses.field(default_factory=lambda: ["voc", "coco"])
     max_images: int = 0
+    iou_threshold: float = 0.5
+    best_metric: str = "voc07_mAP@0.5"
+    num_sample_images: int = 4
+    sample_score_threshold: float = 0.3
 
 
 @dataclasses.dataclass

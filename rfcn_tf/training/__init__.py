@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer, the Keras train/test steps, callbacks, distribution."""

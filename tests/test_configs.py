@@ -1,0 +1,170 @@
+"""Experiment configs: YAML <-> dataclass round trips, overrides, and clear errors."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+import yaml
+
+from rfcn_tf import configs
+from rfcn_tf.configs import ConfigError, ExperimentConfig, load_config, save_config
+from rfcn_tf.training.experiment import validate_experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+REQUIRED = ["rfcn_resnet101_voc.yaml", "rfcn_resnet101_coco.yaml", "rfcn_resnet50_coco.yaml",
+            "rfcn_bccd.yaml", "rfcn_synthetic.yaml"]
+
+
+def _bccd_root():
+    root = os.environ.get("RFCN_TF_BCCD") or os.path.join(REPO, "..", "shared", "datasets", "bccd")
+    return root if os.path.isdir(root) else None
+
+
+def test_required_experiment_files_exist():
+    names = {os.path.basename(f) for f in CONFIG_FILES}
+    assert set(REQUIRED) <= names, f"missing: {sorted(set(REQUIRED) - names)}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_yaml_round_trip(path, tmp_path):
+    config = load_config(path)
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    # Every value written in the file reached the dataclass.
+    flat = configs.to_dict(config)
+
+    def check(node, expected, where):
+        for key, value in expected.items():
+            if isinstance(value, dict):
+                check(node[key], value, f"{where}{key}.")
+            else:
+                assert node[key] == value, f"{where}{key}"
+    check(flat, raw, "")
+    saved = tmp_path / "saved.yaml"
+    save_config(config, str(saved))
+    assert load_config(str(saved)) == config
+
+
+def test_dataclass_yaml_dataclass_round_trip(tmp_path):
+    config = ExperimentConfig()
+    config.model.anchor.scales = [16.0, 48.0]
+    config.train.optimizer.decay_boundaries = [10, 20]
+    config.eval.metrics = ["coco"]
+    config.train_data.class_names = ["a", "b"]
+    path = tmp_path / "c.yaml"
+    save_config(config, str(path))
+    assert load_config(str(path)) == config
+
+
+def test_overrides_apply_on_top_of_the_file():
+    path = os.path.join(REPO, "configs", "rfcn_bccd.yaml")
+    config = load_config(path, "train.optimizer.learning_rate=0.5,model.anchor.scales=[16, 32],"
+                               "train_data.class_names=[x, y, z],train.distribution=mirrored,"
+                               "train.optimizer.warmup_steps=3")
+    assert config.train.optimizer.learning_rate == 0.5
+    assert config.model.anchor.scales == [16.0, 32.0]
+    assert config.train_data.class_names == ["x", "y", "z"]
+    assert config.train.distribution == "mirrored"
+    assert config.train.optimizer.warmup_steps == 3
+    # Untouched keys keep the file's values, not the dataclass defaults.
+    assert config.model.backbone.depth == 18
+    assert config.train.optimizer.schedule == "cosine"
+
+
+def test_override_file_is_accepted(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("train:\n  steps: 40\n  steps_per_epoch: 20\n")
+    config = load_config(os.path.join(REPO, "configs", "rfcn_bccd.yaml"), str(override))
+    assert (config.train.steps, config.train.steps_per_epoch) == (40, 20)
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  optimizer:\n    learning_rte: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.learning_rte"):
+        load_config(str(path))
+
+
+def test_unknown_key_in_override_is_named():
+    with pytest.raises(ConfigError, match=r"model\.backbone\.dept"):
+        load_config(None, "model.backbone.dept=50")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=many", "train.steps"),
+    ("train.optimizer.learning_rate=[1]", "train.optimizer.learning_rate"),
+    ("model.backbone.frozen_batch_norm=3", "model.backbone.frozen_batch_norm"),
+    ("model.anchor.scales=12", "model.anchor.scales"),
+    ("train=3", "train"),
+])
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, "train.steps")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_missing_dataset_path_is_a_clear_error(tmp_path):
+    config = load_config(os.path.join(REPO, "configs", "rfcn_bccd.yaml"),
+                         f"train_data.path={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match=r"train_data\.path.*nowhere.*does not exist"):
+        validate_experiment(config, "train")
+    config = load_config(None, "eval_data.format=coco,eval_data.path=" + str(tmp_path) +
+                               ",eval_data.annotation_file=" + str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match=r"eval_data\.annotation_file.*missing\.json"):
+        validate_experiment(config, "eval")
+    config = load_config(None, "train_data.format=tfrecord,train_data.path=" +
+                               str(tmp_path / "none-*.tfrecord"))
+    with pytest.raises(ConfigError, match=r"train_data\.path.*none-\*\.tfrecord"):
+        validate_experiment(config, "train")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.steps=150,train.steps_per_epoch=100", "multiple of train.steps_per_epoch"),
+    ("train.distribution=tpu", "train.distribution"),
+    ("train.mixed_precision=float16", "train.mixed_precision"),
+    ("train.optimizer.schedule=poly", "train.optimizer.schedule"),
+    ("eval.metrics=[voc, lvis]", "eval.metrics"),
+    ("eval.metrics=[coco],eval.best_metric=voc07_mAP@0.5", "eval.best_metric"),
+])
+def test_inconsistent_settings_are_named(override, fragment):
+    config = load_config(os.path.join(REPO, "configs", "rfcn_synthetic.yaml"), override)
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        validate_experiment(config, "train_and_eval")
+
+
+def test_embedded_default_validates():
+    config = load_config(os.path.join(REPO, "configs", "rfcn_synthetic.yaml"))
+    validate_experiment(config, "train_and_eval")
+    assert config.train_data.format == "synthetic"
+
+
+def test_bccd_config_points_at_the_shared_dataset(monkeypatch):
+    root = _bccd_root()
+    if root is None:
+        pytest.skip("BCCD not found: set RFCN_TF_BCCD or place it at ../shared/datasets/bccd")
+    config = load_config(os.path.join(REPO, "configs", "rfcn_bccd.yaml"))
+    assert os.path.normpath(config.train_data.path) == os.path.normpath("../shared/datasets/bccd")
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repository root
+    validate_experiment(config, "train_and_eval")
+    assert config.model.backbone.depth in (18, 34)
+    assert config.model.num_classes == len(config.train_data.class_names) == 3
+
+
+def test_paper_voc_settings():
+    config = load_config(os.path.join(REPO, "configs", "rfcn_resnet101_voc.yaml"))
+    opt = config.train.optimizer
+    assert (opt.learning_rate, opt.momentum, opt.weight_decay) == (0.001, 0.9, 0.0005)
+    assert opt.decay_boundaries == [20000] and config.train.steps == 30000
+    assert config.model.head.group_size == 7 and config.model.roi_sampler.ohem_batch_size == 128
+    assert config.model.detection.nms_iou == 0.3 and config.model.rpn.post_nms_top_k_test == 300
+    assert (config.train_data.short_side, config.train_data.max_side) == (600, 1000)
+    assert dataclasses.asdict(config.model.anchor) == {
+        "scales": [128.0, 256.0, 512.0], "aspect_ratios": [0.5, 1.0, 2.0]}
