@@ -18,7 +18,10 @@ Conventions:
 * COCOeval keeps, per image and category, the `max_detections`
   highest-scoring detections.
 * pycocotools reports -1 where a statistic has no ground truth (e.g. APs
-  with no small object); this metric returns NaN there instead. A category
+  with no small object); this metric returns NaN there instead. The 12
+  values are read from COCOeval's accumulated arrays the way summarize()
+  computes them, except that AP too uses `max_detections` (summarize()
+  hard-codes 100 for it). A category
   with no ground truth is left out of the means (COCOeval's rule) and has
   per-class AP NaN.
 
@@ -26,7 +29,8 @@ Why not official.vision's COCOEvaluator: its update_state calls `.numpy()`
 on every input (tf.Tensors only), turns all K detection slots into
 detections regardless of num_detections, takes the evaluated image ids from
 the detections (images without detections would drop their ground truth),
-needs integer source ids, always prints the summary, and its per-category
+needs integer source ids, always prints the summary (whose AP ignores
+max_num_eval_detections, see above), and its per-category
 metrics need a pycocotools fork (`COCOeval.category_stats`, absent from
 pycocotools 2.0.x). Its box conversion (`box_ops.yxyx_to_xywh`) is reused.
 The tests check this metric against COCOEvaluator on inputs it accepts.
@@ -166,7 +170,8 @@ class COCOMetric:
         evaluator.params.maxDets = [1, 10, self.max_detections]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
+        if self.verbose:
+            evaluator.summarize()
         return evaluator
 
     def result(self) -> Dict[str, float]:
@@ -184,23 +189,51 @@ class COCOMetric:
             io.StringIO())
         with stdout:
             evaluator = self._run_cocoeval()
-        results = {name: _nan_if_missing(value)
-                   for name, value in zip(self.stat_names, evaluator.stats)}
+        results = dict(zip(self.stat_names, _box_stats(evaluator)))
         if self.per_class:
-            # precision: [IoU thresholds, recall points, categories, areas, maxDets];
-            # area index 0 is "all", maxDets index -1 is max_detections.
-            precision = evaluator.eval["precision"][:, :, :, 0, -1]
+            precision = evaluator.eval["precision"][:, :, :, 0, -1]  # area "all", max_detections
+            iou_50 = _iou_index(evaluator, 0.5)
             for index, name in enumerate(self.class_names):
                 results[f"AP/{name}"] = _mean_of_present(precision[:, :, index])
-                results[f"AP50/{name}"] = _mean_of_present(precision[0, :, index])
+                results[f"AP50/{name}"] = _mean_of_present(precision[iou_50, :, index])
         return results
 
 
-def _nan_if_missing(value: float) -> float:
-    """pycocotools writes -1 for "no ground truth"; returns NaN there."""
-    return float("nan") if value == -1 else float(value)
+def _iou_index(evaluator: cocoeval.COCOeval, threshold: float) -> int:
+    return int(np.flatnonzero(np.isclose(evaluator.params.iouThrs, threshold))[0])
+
+
+def _box_stats(evaluator: cocoeval.COCOeval) -> list:
+    """The 12 values of COCOeval.summarize() for boxes, read from the
+    accumulated arrays (NaN where pycocotools prints -1).
+
+    summarize() computes its first value (AP) at maxDets == 100 whatever
+    params.maxDets holds; here every value uses max_detections (maxDets[2]),
+    except ARmax1 and ARmax10.
+    """
+    # precision: [IoU thresholds, recall points, categories, areas, maxDets];
+    # recall: [IoU thresholds, categories, areas, maxDets].
+    # Areas: 0 all, 1 small, 2 medium, 3 large. maxDets: 0 -> 1, 1 -> 10, 2 -> max.
+    precision = evaluator.eval["precision"]
+    recall = evaluator.eval["recall"]
+    iou_50, iou_75 = _iou_index(evaluator, 0.5), _iou_index(evaluator, 0.75)
+    return [
+        _mean_of_present(precision[:, :, :, 0, 2]),
+        _mean_of_present(precision[iou_50, :, :, 0, 2]),
+        _mean_of_present(precision[iou_75, :, :, 0, 2]),
+        _mean_of_present(precision[:, :, :, 1, 2]),
+        _mean_of_present(precision[:, :, :, 2, 2]),
+        _mean_of_present(precision[:, :, :, 3, 2]),
+        _mean_of_present(recall[:, :, 0, 0]),
+        _mean_of_present(recall[:, :, 0, 1]),
+        _mean_of_present(recall[:, :, 0, 2]),
+        _mean_of_present(recall[:, :, 1, 2]),
+        _mean_of_present(recall[:, :, 2, 2]),
+        _mean_of_present(recall[:, :, 3, 2]),
+    ]
 
 
 def _mean_of_present(values: np.ndarray) -> float:
+    """Mean over entries that are not -1 (pycocotools' "no ground truth"); NaN if none."""
     present = values[values > -1]
     return float(present.mean()) if present.size else float("nan")

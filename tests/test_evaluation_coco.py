@@ -1,0 +1,260 @@
+"""COCOMetric: hand-computed COCO values, crowd handling, and agreement with
+official.vision's COCOEvaluator on inputs that evaluator accepts."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rfcn_tf.evaluation.coco_metric import COCOMetric
+
+# COCO interpolates precision at 101 recall points 0, 0.01, ..., 1. A curve
+# with precision p up to recall r (and nothing beyond) scores p * (100 r + 1) / 101.
+HALF_RECALL_AP = 51 / 101
+
+LARGE = (0, 0, 200, 200)       # 40000 px > 96^2
+LARGE_2 = (300, 300, 420, 420)  # 14400 px
+MEDIUM = (0, 300, 50, 350)     # 2500 px in (32^2, 96^2)
+SMALL = (400, 0, 420, 20)      # 400 px < 32^2
+
+
+def make_batch(images, source_ids=None, num_slots_gt=None, num_slots_det=None):
+    """images: list of {"gt": [(box, class, is_crowd)], "det": [(box, class, score)]}.
+
+    Padding slots hold a high-scoring detection on a real gt box, so reading
+    past num_detections would change the result.
+    """
+    b = len(images)
+    m = num_slots_gt or max(1, max(len(im["gt"]) for im in images))
+    k = num_slots_det or max(1, max(len(im["det"]) for im in images))
+    gt_boxes = np.tile(np.array(LARGE, float), (b, m, 1))
+    gt_classes = np.full((b, m), -1, np.int64)
+    gt_crowd = np.zeros((b, m), bool)
+    det_boxes = np.tile(np.array(LARGE, float), (b, k, 1))
+    det_scores = np.full((b, k), 0.99)
+    det_classes = np.ones((b, k), np.int64)
+    num = np.zeros(b, np.int64)
+    for i, im in enumerate(images):
+        for j, (box, cls, crowd) in enumerate(im["gt"]):
+            gt_boxes[i, j], gt_classes[i, j], gt_crowd[i, j] = box, cls, crowd
+        for j, (box, cls, score) in enumerate(im["det"]):
+            det_boxes[i, j], det_classes[i, j], det_scores[i, j] = box, cls, score
+        num[i] = len(im["det"])
+    ids = np.array(source_ids if source_ids is not None
+                   else [f"image_{i}".encode() for i in range(b)])
+    groundtruths = {"source_id": ids, "gt_boxes": gt_boxes, "gt_classes": gt_classes,
+                    "gt_is_crowd": gt_crowd, "image_size": np.tile([480, 640], (b, 1))}
+    detections = {"detection_boxes": det_boxes, "detection_scores": det_scores,
+                  "detection_classes": det_classes, "num_detections": num}
+    return groundtruths, detections
+
+
+def evaluate(images, class_names=("a",), **kwargs):
+    metric = COCOMetric(list(class_names), **kwargs)
+    metric.update_state(*make_batch(images))
+    return metric.result()
+
+
+def test_perfect_detections_give_one_everywhere():
+    images = [{"gt": [(LARGE, 1, False), (MEDIUM, 2, False), (SMALL, 1, False)],
+               "det": [(LARGE, 1, 0.9), (MEDIUM, 2, 0.5), (SMALL, 1, 0.7)]},
+              {"gt": [(LARGE_2, 2, False)], "det": [(LARGE_2, 2, 0.8)]}]
+    result = evaluate(images, class_names=("a", "b"))
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax10", "ARmax100",
+                 "ARs", "ARm", "ARl", "AP/a", "AP/b", "AP50/a", "AP50/b"):
+        assert result[name] == pytest.approx(1.0, abs=1e-9), name
+    # Image 1 holds 2 class-a gts: one detection per image and class finds 1 of 2.
+    # Per class recall with 1 detection: a: 1/2, b: 2/2 -> mean 0.75.
+    assert result["ARmax1"] == pytest.approx(0.75, abs=1e-9)
+
+
+def test_half_of_the_gts_detected_perfectly():
+    # Two images with two large gts each; one per image detected exactly.
+    # Precision 1 up to recall 1/2 at every IoU threshold -> AP = 51/101.
+    images = [{"gt": [(LARGE, 1, False), (LARGE_2, 1, False)], "det": [(LARGE, 1, 0.9)]},
+              {"gt": [(LARGE, 1, False), (LARGE_2, 1, False)], "det": [(LARGE_2, 1, 0.8)]}]
+    result = evaluate(images)
+    for name in ("AP", "AP50", "AP75", "APl"):
+        assert result[name] == pytest.approx(HALF_RECALL_AP, abs=1e-9), name
+    assert result["ARmax100"] == pytest.approx(0.5, abs=1e-9)
+    # No small or medium gt: pycocotools' -1 comes back as NaN.
+    assert math.isnan(result["APs"]) and math.isnan(result["APm"])
+    assert math.isnan(result["ARs"]) and math.isnan(result["ARm"])
+
+
+def test_images_without_detections_count_their_gts_as_missed():
+    images = [{"gt": [(LARGE, 1, False)], "det": [(LARGE, 1, 0.9)]},
+              {"gt": [(LARGE, 1, False)], "det": []}]
+    assert evaluate(images)["AP"] == pytest.approx(HALF_RECALL_AP, abs=1e-9)
+
+
+def test_false_positive_ranked_first_halves_precision():
+    # FP at 0.95 then the TP: precision 0, 1/2 at recall 0, 1 -> interpolated
+    # precision 1/2 at all 101 recall points -> AP = 0.5.
+    images = [{"gt": [(LARGE, 1, False)],
+               "det": [(LARGE_2, 1, 0.95), (LARGE, 1, 0.9)]}]
+    assert evaluate(images)["AP"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_iou_thresholds():
+    # Detection (0,0,200,156) on gt (0,0,200,200): IoU 0.78 -> a TP at
+    # thresholds 0.50..0.75 (6 of 10) -> AP 0.6, AP50 = AP75 = 1.
+    images = [{"gt": [(LARGE, 1, False)], "det": [((0, 0, 200, 156), 1, 0.9)]}]
+    result = evaluate(images)
+    assert result["AP"] == pytest.approx(0.6, abs=1e-9)
+    assert result["AP50"] == pytest.approx(1.0, abs=1e-9)
+    assert result["AP75"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_crowd_regions_are_not_false_positives():
+    crowd = (0, 300, 300, 600)
+    inside_crowd = (50, 350, 120, 420)  # IoU with the crowd box 4900/90000
+    images = [{"gt": [(LARGE, 1, False), (crowd, 1, True)],
+               "det": [(inside_crowd, 1, 0.9), (LARGE, 1, 0.5)]}]
+    # Crowd: the 0.9 detection lies inside the crowd region (COCO's crowd IoU
+    # is intersection / detection area = 1) -> ignored; the other is a TP.
+    assert evaluate(images)["AP"] == pytest.approx(1.0, abs=1e-9)
+    # The same box as an ordinary gt: the 0.9 detection is an FP and that gt is
+    # missed: precision 0, 1/2 at recall 0, 1/2 -> AP = 0.5 * 51/101.
+    images[0]["gt"][1] = (crowd, 1, False)
+    assert evaluate(images)["AP"] == pytest.approx(0.5 * HALF_RECALL_AP, abs=1e-9)
+
+
+def test_per_class_ap_and_class_without_gt():
+    images = [{"gt": [(LARGE, 1, False), (MEDIUM, 2, False), (LARGE_2, 2, False)],
+               "det": [(LARGE, 1, 0.9), (MEDIUM, 2, 0.8), (SMALL, 3, 0.7)]}]
+    result = evaluate(images, class_names=("a", "b", "c"))
+    assert result["AP/a"] == pytest.approx(1.0, abs=1e-9)
+    assert result["AP/b"] == pytest.approx(HALF_RECALL_AP, abs=1e-9)
+    assert math.isnan(result["AP/c"]) and math.isnan(result["AP50/c"])
+    assert result["AP"] == pytest.approx((1.0 + HALF_RECALL_AP) / 2, abs=1e-9)
+    assert "AP/a" not in evaluate(images, class_names=("a", "b", "c"), per_class=False)
+
+
+def test_max_detections_and_ar_names():
+    # 12 detections, the true one ranked 12th: max_detections=11 cuts it.
+    clutter = [((500 + 3 * i, 0, 520 + 3 * i, 20), 1, 0.9 - 0.01 * i) for i in range(11)]
+    images = [{"gt": [(LARGE, 1, False)], "det": clutter + [(LARGE, 1, 0.1)]}]
+    result = evaluate(images, max_detections=11)
+    assert "ARmax11" in result and "ARmax100" not in result
+    assert result["AP"] == 0.0 and result["ARmax11"] == 0.0
+    # Kept at 100 (or 12): 11 FPs, then the TP -> precision 1/12 at recall 1.
+    for max_detections in (12, 100):
+        result = evaluate(images, max_detections=max_detections)
+        assert result["AP"] == pytest.approx(1 / 12, abs=1e-9)
+        assert result[f"ARmax{max_detections}"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_batching_padding_and_numeric_source_ids_do_not_matter():
+    rng = np.random.default_rng(3)
+    images = random_images(rng, num_images=9, num_classes=3, dets_per_image=None)
+    whole = COCOMetric(["a", "b", "c"])
+    whole.update_state(*make_batch(images))
+    split = COCOMetric(["a", "b", "c"])
+    for start in range(0, 9, 4):
+        part = images[start:start + 4]
+        split.update_state(*make_batch(part, source_ids=np.arange(start, start + len(part)),
+                                       num_slots_gt=12, num_slots_det=40))
+    expected = whole.result()
+    got = split.result()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-12, nan_ok=True), key
+
+
+def random_images(rng, num_images, num_classes, dets_per_image):
+    """Mixed-size gts (some crowd) with jittered and clutter detections.
+
+    dets_per_image: pad every image to exactly this many detections (None:
+    keep the natural number).
+    """
+    images = []
+    for _ in range(num_images):
+        gts = []
+        for _ in range(rng.integers(1, 6)):
+            size = rng.choice([20.0, 60.0, 150.0]) * rng.uniform(0.8, 1.2, size=2)
+            y, x = rng.uniform(0, 300, size=2)
+            gts.append(((y, x, y + size[0], x + size[1]), int(rng.integers(1, num_classes + 1)),
+                        bool(rng.random() < 0.1)))
+        dets = []
+        for box, cls, _ in gts:
+            for _ in range(rng.integers(0, 3)):
+                y0, x0, y1, x1 = np.array(box) + rng.normal(0, 2.0, size=4)
+                dets.append(((min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)), cls,
+                             float(rng.uniform(0.3, 1.0))))
+        while dets_per_image is not None and len(dets) < dets_per_image:
+            y, x = rng.uniform(0, 400, size=2)
+            dets.append(((y, x, y + 40, x + 40), int(rng.integers(1, num_classes + 1)),
+                         float(rng.uniform(0.0, 0.6))))
+        images.append({"gt": gts, "det": dets[:dets_per_image]})
+    return images
+
+
+def test_matches_official_vision_coco_evaluator():
+    """Same numbers as official.vision's COCOEvaluator where its input rules
+    hold: tf.Tensor inputs, integer source ids, every slot a real detection."""
+    import tensorflow as tf
+    from official.vision.evaluation import coco_evaluator
+
+    rng = np.random.default_rng(11)
+    images = random_images(rng, num_images=12, num_classes=3, dets_per_image=10)
+    ids = np.arange(100, 112, dtype=np.int64)
+    groundtruths, detections = make_batch(images, source_ids=ids, num_slots_det=10)
+    metric = COCOMetric(["a", "b", "c"])
+    metric.update_state(groundtruths, detections)
+    ours = metric.result()
+
+    official = coco_evaluator.COCOEvaluator(annotation_file=None, include_mask=False,
+                                            need_rescale_bboxes=False)
+    valid = groundtruths["gt_classes"] > 0
+    official.update_state(
+        {"source_id": tf.constant(ids), "height": tf.constant([480] * 12),
+         "width": tf.constant([640] * 12), "num_detections": tf.constant(valid.sum(axis=1)),
+         "boxes": tf.constant(groundtruths["gt_boxes"]),
+         "classes": tf.constant(groundtruths["gt_classes"]),
+         "is_crowds": tf.constant(groundtruths["gt_is_crowd"].astype(np.int64))},
+        {"source_id": tf.constant(ids), "num_detections": tf.constant(detections["num_detections"]),
+         "detection_boxes": tf.constant(detections["detection_boxes"]),
+         "detection_classes": tf.constant(detections["detection_classes"]),
+         "detection_scores": tf.constant(detections["detection_scores"])})
+    theirs = official.result()
+    assert 0.1 < ours["AP"] < 0.95  # a non-trivial case
+    for name in metric.stat_names:
+        expected = float(theirs[name])
+        expected = float("nan") if expected == -1 else expected
+        assert ours[name] == pytest.approx(expected, abs=1e-6, nan_ok=True), name
+
+
+def test_quiet_by_default_and_verbose_on_request(capsys):
+    images = [{"gt": [(LARGE, 1, False)], "det": [(LARGE, 1, 0.9)]}]
+    evaluate(images)
+    assert capsys.readouterr().out == ""
+    evaluate(images, verbose=True)
+    assert "Average Precision" in capsys.readouterr().out
+
+
+def test_nothing_fed_gives_nan_and_reset_state_forgets():
+    metric = COCOMetric(["a"])
+    assert math.isnan(metric.result()["AP"])
+    metric.update_state(*make_batch([{"gt": [(LARGE, 1, False)], "det": [(LARGE, 1, 0.9)]}]))
+    assert metric.result()["AP"] == pytest.approx(1.0, abs=1e-9)
+    metric.reset_state()
+    # The same source id may be fed again after a reset.
+    metric.update_state(*make_batch([{"gt": [(LARGE, 1, False)], "det": []}]))
+    assert metric.result()["AP"] == 0.0
+
+
+def test_repeated_source_ids_and_bad_input_raise():
+    batch = make_batch([{"gt": [(LARGE, 1, False)], "det": [(LARGE, 1, 0.9)]}])
+    metric = COCOMetric(["a"])
+    metric.update_state(*batch)
+    with pytest.raises(ValueError, match="more than once"):
+        metric.update_state(*batch)
+    twice = make_batch([{"gt": [(LARGE, 1, False)], "det": []}] * 2, source_ids=[b"x", b"x"])
+    with pytest.raises(ValueError, match="more than once"):
+        COCOMetric(["a"]).update_state(*twice)
+    groundtruths, detections = make_batch([{"gt": [(LARGE, 1, False)], "det": [(LARGE, 2, 0.9)]}])
+    with pytest.raises(ValueError, match=r"detection_classes.*\[2\]"):
+        COCOMetric(["a"]).update_state(groundtruths, detections)
+    with pytest.raises(ValueError, match="max_detections"):
+        COCOMetric(["a"], max_detections=5)
