@@ -54,6 +54,16 @@ def _want_cuda():
     return nvcc
 
 
+def _cuda_home(nvcc):
+    """Returns the CUDA toolkit root that `nvcc` uses (nvcc may be a wrapper script)."""
+    dryrun = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True, check=False)
+    for line in (dryrun.stdout + dryrun.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line[len("#$ TOP="):].strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
 def _run(cmd):
     print(" ".join(cmd), flush=True)
     subprocess.check_call(cmd)
@@ -83,13 +93,13 @@ class BuildTensorFlowOp(build_ext):
         cxx = os.environ.get("CXX", "g++")
         tf_cflags = tf.sysconfig.get_compile_flags()
         tf_lflags = tf.sysconfig.get_link_flags()
-        cflags = ["-std=c++17", "-O3", "-fPIC", "-Wall", "-Wno-sign-compare"] + tf_cflags
+        cflags = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-sign-compare"] + tf_cflags
         objects = []
         ldflags = []
 
         nvcc = _want_cuda()
         if nvcc:
-            cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+            cuda_home = _cuda_home(nvcc)
             archs = os.environ.get("RFCN_TF_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";")
             gencode = []
             for arch in archs:
@@ -102,15 +112,18 @@ class BuildTensorFlowOp(build_ext):
                      [os.path.join(OP_DIR, src), "-o", obj])
                 objects.append(obj)
             cflags += ["-DGOOGLE_CUDA=1", "-I", os.path.join(cuda_home, "include")]
+            # cudart_static goes before libtensorflow_framework, which exports
+            # cudart-named stubs, and its symbols are kept local to this library
+            # so the kernels always use the runtime they were compiled with.
             ldflags += ["-L", os.path.join(cuda_home, "lib64"), "-lcudart_static", "-ldl",
-                        "-lrt", "-lpthread"]
+                        "-lrt", "-lpthread", "-Wl,--exclude-libs,libcudart_static.a"]
             print(f"rfcn-tf: building PSRoIPool with CUDA kernels for sm_{','.join(archs)}")
 
         for src in CPU_SOURCES:
             obj = os.path.join(tmp, src + ".o")
             _run([cxx, "-c", os.path.join(OP_DIR, src), "-o", obj, "-I", OP_DIR] + cflags)
             objects.append(obj)
-        _run([cxx, "-shared", "-o", output] + objects + tf_lflags + ldflags)
+        _run([cxx, "-shared", "-o", output] + objects + ldflags + tf_lflags)
 
 
 def _read(path):

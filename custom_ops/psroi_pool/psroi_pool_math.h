@@ -1,0 +1,162 @@
+// Position-sensitive RoI pooling arithmetic shared by the CPU kernel, the CUDA
+// kernels and the standalone CUDA test (tests/cuda/). No TensorFlow here.
+//
+// Semantics (the R-FCN Caffe layer's): a RoI row is (batch_index, x1, y1, x2, y2)
+// in input-image pixels with inclusive corners. With s = spatial_scale and k =
+// group_size,
+//   x1' = round(x1) * s,  x2' = (round(x2) + 1) * s   (round: half away from zero)
+//   roi_w = max(x2' - x1', 0.1),  bin_w = roi_w / k    (same for y / h)
+//   bin (i, j) covers rows [floor(i * bin_h + y1'), ceil((i + 1) * bin_h + y1'))
+//   and columns [floor(j * bin_w + x1'), ceil((j + 1) * bin_w + x1')), clipped
+//   to [0, H) and [0, W). An empty bin pools to 0.
+// Output (r, i, j, d) is the mean of channel (d * k + i) * k + j of image
+// batch_index over the pixels of bin (i, j). The gradient of a bin is divided
+// evenly over its pixels.
+//
+// All arithmetic is float and uses explicitly rounded operations on the device
+// (no fused multiply-add contraction), so host and device compute bit-identical
+// bin boundaries; otherwise an FMA could move a floor/ceil across an integer.
+#ifndef RFCN_TF_CUSTOM_OPS_PSROI_POOL_PSROI_POOL_MATH_H_
+#define RFCN_TF_CUSTOM_OPS_PSROI_POOL_PSROI_POOL_MATH_H_
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define RFCN_HD __host__ __device__
+#else
+#define RFCN_HD
+#endif
+
+namespace rfcn_psroi {
+
+// Length of a RoI row: batch_index, x1, y1, x2, y2.
+constexpr int kRoiSize = 5;
+// Lower bound of a RoI side after scaling, as in the Caffe layer.
+constexpr float kMinRoiSize = 0.1f;
+
+// Outcome of checking one RoI row; the first problem found is reported.
+enum RoiStatus : int {
+  kRoiOk = 0,
+  kRoiNonFiniteCoordinate = 1,
+  kRoiBatchIndexNotInteger = 2,
+  kRoiBatchIndexOutOfRange = 3,
+};
+
+// Half-open pixel interval [start, end); empty when end <= start.
+struct Interval {
+  int start;
+  int end;
+};
+
+// Scaled RoI origin and bin size along one axis.
+struct AxisGeometry {
+  float origin;  // x1' (or y1')
+  float bin;     // bin_w (or bin_h)
+};
+
+RFCN_HD inline float MulRn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+RFCN_HD inline float AddRn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+RFCN_HD inline float DivRn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+RFCN_HD inline bool IsFiniteFloat(float v) { return isfinite(v); }
+
+// Checks a RoI row against an image batch of `num_images`.
+RFCN_HD inline RoiStatus CheckRoi(const float* roi, int64_t num_images) {
+  for (int t = 0; t < kRoiSize; ++t) {
+    if (!IsFiniteFloat(roi[t])) return kRoiNonFiniteCoordinate;
+  }
+  const float batch = roi[0];
+  if (floorf(batch) != batch) return kRoiBatchIndexNotInteger;
+  if (batch < 0.0f || batch >= static_cast<float>(num_images)) return kRoiBatchIndexOutOfRange;
+  return kRoiOk;
+}
+
+// Batch index of a RoI row that passed CheckRoi.
+RFCN_HD inline int64_t RoiBatchIndex(const float* roi) { return static_cast<int64_t>(roi[0]); }
+
+// Geometry of one axis of a RoI from its inclusive pixel corners lo..hi.
+RFCN_HD inline AxisGeometry ComputeAxisGeometry(float lo, float hi, float spatial_scale,
+                                                int group_size) {
+  const float start = MulRn(roundf(lo), spatial_scale);
+  const float end = MulRn(AddRn(roundf(hi), 1.0f), spatial_scale);
+  const float size = fmaxf(AddRn(end, -start), kMinRoiSize);
+  AxisGeometry g;
+  g.origin = start;
+  g.bin = DivRn(size, static_cast<float>(group_size));
+  return g;
+}
+
+// Pixel interval of bin `index` along an axis of `extent` pixels.
+RFCN_HD inline Interval ComputeBinInterval(const AxisGeometry& g, int index, int extent) {
+  const float lo = floorf(AddRn(MulRn(static_cast<float>(index), g.bin), g.origin));
+  const float hi = ceilf(AddRn(MulRn(static_cast<float>(index + 1), g.bin), g.origin));
+  const float limit = static_cast<float>(extent);
+  Interval iv;
+  iv.start = static_cast<int>(fminf(fmaxf(lo, 0.0f), limit));
+  iv.end = static_cast<int>(fminf(fmaxf(hi, 0.0f), limit));
+  return iv;
+}
+
+RFCN_HD inline int IntervalLength(const Interval& iv) {
+  return iv.end > iv.start ? iv.end - iv.start : 0;
+}
+
+// Number of pixels of the bin spanned by `rows` x `cols`.
+RFCN_HD inline int BinArea(const Interval& rows, const Interval& cols) {
+  return IntervalLength(rows) * IntervalLength(cols);
+}
+
+// Score-map channel read by output (i, j, d).
+RFCN_HD inline int64_t ScoreChannel(int64_t d, int i, int j, int group_size) {
+  return (d * group_size + i) * group_size + j;
+}
+
+// Mean of one channel over a bin. `image` points at channel 0 of pixel (0, 0)
+// of an NHWC image with `width` columns and `channels` channels; `load`
+// converts an element to float. Returns 0 for an empty bin.
+template <typename T, typename Load>
+RFCN_HD inline float BinAverage(const T* image, int width, int64_t channels, int64_t channel,
+                                const Interval& rows, const Interval& cols, Load load) {
+  const int area = BinArea(rows, cols);
+  if (area == 0) return 0.0f;
+  float sum = 0.0f;
+  for (int h = rows.start; h < rows.end; ++h) {
+    const T* row = image + (static_cast<int64_t>(h) * width) * channels + channel;
+    for (int w = cols.start; w < cols.end; ++w) {
+      sum = AddRn(sum, load(row[static_cast<int64_t>(w) * channels]));
+    }
+  }
+  return DivRn(sum, static_cast<float>(area));
+}
+
+// Share of a bin's output gradient received by each of its pixels (0 for an
+// empty bin, which received no input).
+RFCN_HD inline float BinGradientShare(float grad, const Interval& rows, const Interval& cols) {
+  const int area = BinArea(rows, cols);
+  return area == 0 ? 0.0f : DivRn(grad, static_cast<float>(area));
+}
+
+}  // namespace rfcn_psroi
+
+#endif  // RFCN_TF_CUSTOM_OPS_PSROI_POOL_PSROI_POOL_MATH_H_
