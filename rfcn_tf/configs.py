@@ -32,16 +32,22 @@ class BackboneConfig:
     """ResNet backbone whose conv5 runs at stride 1, dilation 2 (feature stride 16).
 
     depth: 18, 34, 50 or 101. 18 and 34 are the small CPU-friendly variants.
+    output_stride: must be 16 (conv4 and the dilated conv5 are both at stride 16).
+    width_multiplier: scales every stage's channels (1.0: the standard ResNet;
+      e.g. 0.25 for tiny test networks), as official.vision ResNet's depth_multiplier.
     pretrained: "" (random init), "imagenet" (Keras application weights, only
-      where the network offers them), or a path to a tf.train.Checkpoint prefix
-      or a Keras .h5/.weights.h5 file holding backbone weights.
-    freeze_at: 0 trains everything; 1 freezes the stem; 2 freezes the stem and
-      the first residual stage (the paper's setting).
+      where the network offers them: depth 50 and 101), or a path to a
+      tf.train.Checkpoint prefix (root object `backbone`, as official.vision's
+      ImageNet checkpoints, or `model/backbone`) or a Keras .h5 file holding
+      backbone weights.
+    freeze_at: 0 trains everything; 1 freezes the stem; n >= 2 freezes the stem
+      and stages conv2..conv{n} (2 is the paper's setting; at most 5).
     frozen_batch_norm: batch-norm statistics and affine parameters are constants.
     """
 
     depth: int = 101
     output_stride: int = 16
+    width_multiplier: float = 1.0
     pretrained: str = ""
     freeze_at: int = 2
     frozen_batch_norm: bool = True
@@ -51,7 +57,8 @@ class BackboneConfig:
 
 @dataclasses.dataclass
 class AnchorConfig:
-    """Anchors on the stride-16 conv4 map: sizes in input pixels x aspect ratios (h/w)."""
+    """Anchors on the stride-16 conv4 map: sizes (sqrt of the area, input pixels) x
+    aspect ratios (width / height, official.vision's convention)."""
 
     scales: List[float] = dataclasses.field(default_factory=lambda: [128.0, 256.0, 512.0])
     aspect_ratios: List[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -59,7 +66,15 @@ class AnchorConfig:
 
 @dataclasses.dataclass
 class RpnConfig:
-    """Region proposal network: a 3x3 conv then sibling objectness and box 1x1 convs."""
+    """Region proposal network: a 3x3 conv then sibling objectness and box 1x1 convs.
+
+    Targets: batch_size_per_image anchors per image at positive_fraction, positive
+    at IoU >= foreground_iou (or best for a ground-truth box), negative below
+    background_iou. Proposals: pre_nms_top_k_* best boxes, NMS at nms_iou, then
+    post_nms_top_k_* kept; in training with OHEM on, roi_sampler.ohem_num_rois
+    are kept instead of post_nms_top_k_train. min_box_size: boxes with a side
+    <= this (resized-image pixels) are dropped before NMS.
+    """
 
     conv_channels: int = 512
     batch_size_per_image: int = 256
@@ -78,6 +93,9 @@ class RpnConfig:
 class HeadConfig:
     """Position-sensitive head on conv5.
 
+    reduce_channels: the 1x1 conv (ReLU) on conv5 (1024 in the paper).
+    group_size: k, bins per side of the PSRoI pooling (7; 3 also works).
+    class_agnostic_box: 4*k*k box maps (one box per RoI) instead of 4*k*k*(C+1).
     psroi_impl: "custom" (compiled op), "portable" (stock TF ops) or "auto".
     """
 
@@ -93,9 +111,12 @@ class RoiSamplerConfig:
 
     A RoI is foreground at IoU >= foreground_iou with a ground-truth box and
     background at IoU in [background_iou_low, background_iou_high).
-    With OHEM, the loss is computed on all proposals and only the
-    `ohem_batch_size` hardest (after NMS at `ohem_nms_iou`) are back-propagated;
-    without it, `rois_per_image` RoIs are sampled at `foreground_fraction`.
+    With OHEM, the loss is computed on all `ohem_num_rois` proposals (the RPN's
+    best after NMS) plus the ground-truth boxes, and only the `ohem_batch_size`
+    hardest (after NMS at `ohem_nms_iou`) are back-propagated; without it,
+    `rois_per_image` RoIs are sampled at `foreground_fraction` from the
+    rpn.post_nms_top_k_train proposals plus the ground-truth boxes.
+    box_stds: box-regression targets are divided by these (dy, dx, dh, dw).
     """
 
     foreground_iou: float = 0.5
@@ -104,6 +125,7 @@ class RoiSamplerConfig:
     ohem: bool = True
     ohem_batch_size: int = 128
     ohem_nms_iou: float = 0.7
+    ohem_num_rois: int = 300
     rois_per_image: int = 128
     foreground_fraction: float = 0.25
     box_stds: List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
@@ -111,17 +133,24 @@ class RoiSamplerConfig:
 
 @dataclasses.dataclass
 class DetectionConfig:
-    """Inference post-processing: per-class NMS on the decoded boxes."""
+    """Inference post-processing: per-class NMS on the decoded boxes.
+
+    pre_nms_top_k: per class, the best-scoring RoIs that enter the NMS.
+    nms_version: "v2" (official.vision's padded NMS, TFLite-builtin friendly) or
+      "batched" (tf.image.combined_non_max_suppression).
+    """
 
     nms_iou: float = 0.3
     score_threshold: float = 0.05
     max_detections: int = 100
-    max_detections_per_class: int = 100
+    pre_nms_top_k: int = 300
+    nms_version: str = "v2"
 
 
 @dataclasses.dataclass
 class LossConfig:
-    """Weights of the four loss terms (the paper uses 1 for all)."""
+    """Weights of the four loss terms (the paper uses 1 for all) and the Huber
+    deltas of the box losses (Huber(delta) = delta * smooth-L1 with sigma^2 = 1/delta)."""
 
     rpn_class_weight: float = 1.0
     rpn_box_weight: float = 1.0

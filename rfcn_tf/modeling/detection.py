@@ -1,0 +1,98 @@
+"""Inference post-processing: decode, per-class NMS, TF Object Detection API outputs.
+
+official.vision's `DetectionGenerator` decodes the RoI box deltas (weights
+1/stds), clips to the true resized-image size, applies softmax, drops
+background and runs per-class NMS ("v2", TFLite-builtin friendly, or
+"batched", tf.image.combined_non_max_suppression). This module adds what the
+TF Object Detection API output convention needs: boxes normalised to the
+original image and float32 classes / counts.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import tensorflow as tf
+import tf_keras
+
+from official.vision.modeling.layers import detection_generator
+from rfcn_tf.modeling import roi_targets
+
+# A background logit this much above the others makes an empty RoI slot score ~0.
+_EMPTY_SLOT_LOGIT = 1e4
+
+
+def to_original_normalized(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
+    """Boxes in resized-image pixels [B, K, 4] -> normalised to the original image.
+
+    image_info [B, 4, 2] is official.vision's [[orig_h, orig_w], [scaled_h,
+    scaled_w], [y_scale, x_scale], [y_offset, x_offset]]; a resized-image
+    point p maps to the original image at (p + offset) / scale, which is then
+    divided by the original size and clipped to [0, 1].
+    """
+    image_info = tf.cast(image_info, tf.float32)
+    original = tf.tile(image_info[:, 0:1, :], [1, 1, 2])  # [B, 1, 4] (h, w, h, w)
+    scale = tf.tile(image_info[:, 2:3, :], [1, 1, 2])
+    offset = tf.tile(image_info[:, 3:4, :], [1, 1, 2])
+    normalized = (boxes + offset) / scale / original
+    return tf.clip_by_value(normalized, 0.0, 1.0)
+
+
+@tf_keras.utils.register_keras_serializable(package="rfcn_tf")
+class RfcnDetectionGenerator(tf_keras.layers.Layer):
+    """Turns the head's outputs on the test RoIs into final detections.
+
+    call(class_logits [B, R, C+1], box_deltas [B, R, 4] or [B, R, 4*(C+1)],
+         rois [B, R, 4], roi_valid bool [B, R], image_info [B, 4, 2]) -> dict
+      detection_boxes float32 [B, D, 4]: (ymin, xmin, ymax, xmax) normalised to
+        the ORIGINAL image (image_info[:, 0]), in [0, 1];
+      detection_scores float32 [B, D]; detection_classes float32 [B, D], 1-based;
+      num_detections float32 [B]. D = max_detections; entries past
+      num_detections are zero.
+      detection_boxes_resized float32 [B, D, 4]: the same boxes in pixels of
+        the resized input image.
+    """
+
+    def __init__(self, num_classes: int, nms_iou: float = 0.3, score_threshold: float = 0.05,
+                 max_detections: int = 100, pre_nms_top_k: int = 300,
+                 nms_version: str = "v2", box_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+                 **kwargs):
+        super().__init__(**kwargs)
+        if nms_version not in ("v2", "batched"):
+            raise ValueError(f"nms_version must be 'v2' or 'batched', got {nms_version!r}")
+        self._config_dict = {
+            "num_classes": num_classes, "nms_iou": nms_iou, "score_threshold": score_threshold,
+            "max_detections": max_detections, "pre_nms_top_k": pre_nms_top_k,
+            "nms_version": nms_version, "box_stds": list(box_stds),
+        }
+        self._generator = detection_generator.DetectionGenerator(
+            apply_nms=True, pre_nms_top_k=pre_nms_top_k, pre_nms_score_threshold=score_threshold,
+            nms_iou_threshold=nms_iou, max_num_detections=max_detections,
+            nms_version=nms_version)
+
+    def call(self, class_logits, box_deltas, rois, roi_valid, image_info) -> Dict[str, tf.Tensor]:
+        cfg = self._config_dict
+        # Empty RoI slots: background with certainty, so they never pass the threshold.
+        empty_logits = tf.one_hot(tf.zeros_like(roi_valid, tf.int32), cfg["num_classes"] + 1,
+                                  on_value=_EMPTY_SLOT_LOGIT, off_value=0.0)
+        class_logits = tf.where(roi_valid[..., None], class_logits, empty_logits)
+        image_shape = tf.cast(image_info[:, 1, :], tf.float32)
+        out = self._generator(
+            box_deltas, class_logits, rois, image_shape,
+            regression_weights=roi_targets.box_weights_from_stds(cfg["box_stds"]),
+            bbox_per_class=box_deltas.shape[-1] != 4)
+        num = out["num_detections"]
+        present = tf.range(cfg["max_detections"])[None, :] < num[:, None]  # [B, D]
+        boxes = tf.where(present[..., None], out["detection_boxes"], 0.0)
+        normalized = tf.where(present[..., None], to_original_normalized(boxes, image_info), 0.0)
+        return {
+            "detection_boxes": normalized,
+            "detection_scores": tf.where(present, out["detection_scores"], 0.0),
+            "detection_classes": tf.where(present, tf.cast(out["detection_classes"], tf.float32),
+                                          0.0),
+            "num_detections": tf.cast(num, tf.float32),
+            "detection_boxes_resized": boxes,
+        }
+
+    def get_config(self):
+        return {**super().get_config(), **self._config_dict}

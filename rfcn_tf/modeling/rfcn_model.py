@@ -1,0 +1,245 @@
+"""The R-FCN detector as one tf_keras Model: backbone -> RPN -> proposals -> PS head.
+
+Inputs (a dict, the data pipeline's batch):
+  images: float32 [B, H, W, 3], normalised, zero-padded (any H, W; the
+    pipeline pads to multiples of 16).
+  image_info: float32 [B, 4, 2], official.vision's [[orig_h, orig_w],
+    [scaled_h, scaled_w], [y_scale, x_scale], [y_offset, x_offset]]; the
+    scaled size is the true (unpadded) image inside `images`, used to clip.
+  gt_boxes: float32 [B, M, 4] (ymin, xmin, ymax, xmax) in pixels of the
+    resized image, padded rows arbitrary (training only).
+  gt_classes: int32 [B, M], 1..C, -1 (or 0) for padding (training only).
+    Ground truth with class <= 0 or zero height/width is ignored.
+
+`model(inputs, training=False)` (inference) returns
+  detection_boxes [B, D, 4] normalised (ymin, xmin, ymax, xmax) relative to
+    the ORIGINAL image; detection_scores [B, D]; detection_classes [B, D]
+    (float32, 1-based); num_detections [B] (float32) -- the TF Object
+    Detection API outputs; detection_boxes_resized [B, D, 4] (pixels of the
+    resized image); rpn_proposals [B, K, 4] (pixels of the resized image) and
+    rpn_proposal_scores [B, K] (objectness probabilities), K = the test
+    proposal count; empty slots are zero.
+`model(inputs, training=True)` (needs gt_boxes, gt_classes) returns the loss
+  terms rpn_score_loss, rpn_box_loss, rfcn_class_loss, rfcn_box_loss and their
+  weighted sum model_loss (scalars), plus the training rpn_proposals and
+  rpn_proposal_scores. `compute_losses(inputs)` returns only the losses.
+Weight decay is not part of model_loss: `weight_decay_variables()` lists the
+  kernels it applies to (batch-norm and bias variables are excluded).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Union
+
+import tensorflow as tf
+import tf_keras
+
+from rfcn_tf import configs
+from rfcn_tf.modeling import anchors as anchors_lib
+from rfcn_tf.modeling import backbone as backbone_lib
+from rfcn_tf.modeling import detection
+from rfcn_tf.modeling import losses as losses_lib
+from rfcn_tf.modeling import ohem
+from rfcn_tf.modeling import rfcn_head
+from rfcn_tf.modeling import roi_targets
+from rfcn_tf.modeling import rpn
+from rfcn_tf.modeling import rpn_targets
+
+LOSS_KEYS = ("rpn_score_loss", "rpn_box_loss", "rfcn_class_loss", "rfcn_box_loss", "model_loss")
+
+
+def dummy_inputs(height: int = 64, width: int = 64, batch: int = 1) -> Dict[str, tf.Tensor]:
+    """An all-zero inference batch (images and image_info) that builds the model."""
+    info = tf.constant([[[height, width], [height, width], [1.0, 1.0], [0.0, 0.0]]], tf.float32)
+    return {"images": tf.zeros([batch, height, width, 3], tf.float32),
+            "image_info": tf.tile(info, [batch, 1, 1])}
+
+
+def ground_truth_valid(gt_boxes: tf.Tensor, gt_classes: tf.Tensor) -> tf.Tensor:
+    """bool [B, M]: rows with a class >= 1 and a box of positive height and width."""
+    return (tf.cast(gt_classes, tf.int32) > 0) & rpn.valid_boxes(tf.cast(gt_boxes, tf.float32))
+
+
+@tf_keras.utils.register_keras_serializable(package="rfcn_tf")
+class RfcnModel(tf_keras.Model):
+    """R-FCN (Dai et al., NIPS 2016) built from a `configs.ModelConfig`.
+
+    Components (each a Keras layer/model with get_config): `backbone`
+    (RfcnResNet), `rpn_head` (RpnHead), `proposal_generator`
+    (ProposalGenerator), `head` (PositionSensitiveHead),
+    `detection_generator` (RfcnDetectionGenerator). See the module docstring
+    for the call signatures. Use `builder.build_model` to also validate the
+    config and load pretrained backbone weights.
+    """
+
+    def __init__(self, model_config: Union[configs.ModelConfig, Mapping], **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(model_config, configs.ModelConfig):
+            model_config = configs.from_dict(configs.ModelConfig, dict(model_config),
+                                             prefix="model.")
+        self._model_config = model_config
+        cfg = model_config
+        self._num_anchors = len(cfg.anchor.scales) * len(cfg.anchor.aspect_ratios)
+        self.backbone = backbone_lib.RfcnResNet(
+            depth=cfg.backbone.depth, width_multiplier=cfg.backbone.width_multiplier,
+            freeze_at=cfg.backbone.freeze_at, frozen_batch_norm=cfg.backbone.frozen_batch_norm,
+            norm_momentum=cfg.backbone.norm_momentum, norm_epsilon=cfg.backbone.norm_epsilon,
+            name="backbone")
+        self.rpn_head = rpn.RpnHead(self._num_anchors, cfg.rpn.conv_channels, name="rpn_head")
+        self.proposal_generator = rpn.ProposalGenerator(
+            pre_nms_top_k_train=cfg.rpn.pre_nms_top_k_train,
+            pre_nms_top_k_test=cfg.rpn.pre_nms_top_k_test,
+            num_proposals_train=(cfg.roi_sampler.ohem_num_rois if cfg.roi_sampler.ohem
+                                 else cfg.rpn.post_nms_top_k_train),
+            num_proposals_test=cfg.rpn.post_nms_top_k_test, nms_iou=cfg.rpn.nms_iou,
+            min_box_size=cfg.rpn.min_box_size, name="proposal_generator")
+        self.head = rfcn_head.PositionSensitiveHead(
+            num_classes=cfg.num_classes, group_size=cfg.head.group_size,
+            reduce_channels=cfg.head.reduce_channels,
+            class_agnostic_box=cfg.head.class_agnostic_box, psroi_impl=cfg.head.psroi_impl,
+            feature_stride=backbone_lib.FEATURE_STRIDE, name="rfcn_head")
+        self.detection_generator = detection.RfcnDetectionGenerator(
+            num_classes=cfg.num_classes, nms_iou=cfg.detection.nms_iou,
+            score_threshold=cfg.detection.score_threshold,
+            max_detections=cfg.detection.max_detections,
+            pre_nms_top_k=cfg.detection.pre_nms_top_k, nms_version=cfg.detection.nms_version,
+            box_stds=cfg.roi_sampler.box_stds, name="detection_generator")
+
+    @property
+    def model_config(self) -> configs.ModelConfig:
+        return self._model_config
+
+    # ------------------------------------------------------------ shared ----
+
+    def _rpn_forward(self, images, image_info, training):
+        """Backbone + RPN + proposals; returns a dict of intermediate tensors."""
+        features = self.backbone(images, training=training)
+        scores, deltas = self.rpn_head(features["conv4"])
+        feature_shape = tf.shape(features["conv4"])
+        anchors = anchors_lib.grid_anchors(
+            feature_shape[1], feature_shape[2], backbone_lib.FEATURE_STRIDE,
+            self._model_config.anchor.scales, self._model_config.anchor.aspect_ratios)
+        image_shape = tf.cast(image_info[:, 1, :], tf.float32)
+        proposals, proposal_scores = self.proposal_generator(
+            scores, deltas, anchors, image_shape, training=training)
+        return {"conv5": features["conv5"], "rpn_scores": scores, "rpn_deltas": deltas,
+                "anchors": anchors, "proposals": proposals, "proposal_scores": proposal_scores}
+
+    # --------------------------------------------------------- inference ----
+
+    def _detect(self, images, image_info) -> Dict[str, tf.Tensor]:
+        out = self._rpn_forward(images, image_info, training=False)
+        proposals = out["proposals"]
+        class_logits, box_deltas = self.head(out["conv5"], proposals)
+        detections = self.detection_generator(class_logits, box_deltas, proposals,
+                                              rpn.valid_boxes(proposals), image_info)
+        detections["rpn_proposals"] = proposals
+        detections["rpn_proposal_scores"] = out["proposal_scores"]
+        return detections
+
+    # ---------------------------------------------------------- training ----
+
+    def _second_stage_losses(self, conv5, targets) -> Dict[str, tf.Tensor]:
+        cfg = self._model_config
+        delta = cfg.loss.rfcn_huber_delta
+        if cfg.roi_sampler.ohem:
+            class_logits, box_deltas = self.head(conv5, targets["rois"])
+            roi_losses = ohem.per_roi_losses(class_logits, box_deltas, targets["labels"],
+                                             targets["box_targets"], delta)
+            weights = ohem.select_hard_examples(
+                roi_losses, targets["rois"], targets["foreground"] | targets["background"],
+                batch_size=cfg.roi_sampler.ohem_batch_size, nms_iou=cfg.roi_sampler.ohem_nms_iou)
+        else:
+            targets = roi_targets.sample_rois(targets, cfg.roi_sampler.rois_per_image,
+                                              cfg.roi_sampler.foreground_fraction)
+            class_logits, box_deltas = self.head(conv5, targets["rois"])
+            weights = targets["weights"]
+        return losses_lib.rfcn_losses(class_logits, box_deltas, targets["labels"],
+                                      targets["box_targets"], weights, huber_delta=delta)
+
+    def _train_forward(self, inputs, training) -> Dict[str, tf.Tensor]:
+        missing = [k for k in ("gt_boxes", "gt_classes") if k not in inputs]
+        if missing:
+            raise ValueError(f"RfcnModel: training=True needs the inputs {missing} "
+                             f"(got keys {sorted(inputs)}); call with training=False to detect")
+        cfg = self._model_config
+        gt_boxes = tf.cast(inputs["gt_boxes"], tf.float32)
+        gt_classes = tf.cast(inputs["gt_classes"], tf.int32)
+        gt_valid = ground_truth_valid(gt_boxes, gt_classes)
+        out = self._rpn_forward(inputs["images"], inputs["image_info"], training=training)
+
+        anchor_targets = rpn_targets.label_anchors(
+            out["anchors"], gt_boxes, gt_valid, foreground_iou=cfg.rpn.foreground_iou,
+            background_iou=cfg.rpn.background_iou,
+            batch_size_per_image=cfg.rpn.batch_size_per_image,
+            positive_fraction=cfg.rpn.positive_fraction)
+        result = losses_lib.rpn_losses(
+            out["rpn_scores"], out["rpn_deltas"], anchor_targets["score_targets"],
+            anchor_targets["box_targets"], batch_size_per_image=cfg.rpn.batch_size_per_image,
+            huber_delta=cfg.loss.rpn_huber_delta)
+
+        proposals = out["proposals"]
+        targets = roi_targets.label_rois(
+            proposals, rpn.valid_boxes(proposals), gt_boxes, gt_classes, gt_valid,
+            foreground_iou=cfg.roi_sampler.foreground_iou,
+            background_iou_high=cfg.roi_sampler.background_iou_high,
+            background_iou_low=cfg.roi_sampler.background_iou_low,
+            box_stds=cfg.roi_sampler.box_stds)
+        result.update(self._second_stage_losses(out["conv5"], targets))
+
+        weights = cfg.loss
+        result["model_loss"] = (weights.rpn_class_weight * result["rpn_score_loss"]
+                                + weights.rpn_box_weight * result["rpn_box_loss"]
+                                + weights.rfcn_class_weight * result["rfcn_class_loss"]
+                                + weights.rfcn_box_weight * result["rfcn_box_loss"])
+        result["rpn_proposals"] = proposals
+        result["rpn_proposal_scores"] = out["proposal_scores"]
+        return result
+
+    # ------------------------------------------------------------ public ----
+
+    def call(self, inputs, training=None):  # pylint: disable=arguments-differ
+        if not isinstance(inputs, Mapping) or "images" not in inputs or "image_info" not in inputs:
+            raise ValueError("RfcnModel expects a dict with at least 'images' [B, H, W, 3] and "
+                             "'image_info' [B, 4, 2]")
+        if training:
+            return self._train_forward(inputs, training=True)
+        return self._detect(inputs["images"], inputs["image_info"])
+
+    def compute_losses(self, inputs, training: bool = True) -> Dict[str, tf.Tensor]:
+        """The loss dict (LOSS_KEYS) of a batch with ground truth.
+
+        training=True samples with the training settings and runs batch norm in
+        training mode (unless frozen); training=False is the same computation
+        with batch norm in inference mode (a validation loss).
+        """
+        if training:
+            result = self(inputs, training=True)
+        else:
+            result = self._train_forward(inputs, training=False)
+        return {k: result[k] for k in LOSS_KEYS}
+
+    def weight_decay_variables(self) -> List[tf.Variable]:
+        """The trainable convolution kernels weight decay applies to (no BN, no biases)."""
+        seen, kernels = set(), []
+        for module in self.submodules:
+            if isinstance(module, (tf_keras.layers.Conv2D, tf_keras.layers.Dense)):
+                kernel = getattr(module, "kernel", None)
+                if kernel is not None and module.trainable and id(kernel) not in seen:
+                    seen.add(id(kernel))
+                    kernels.append(kernel)
+        return kernels
+
+    def set_psroi_impl(self, implementation: str) -> None:
+        """Switches the head's PSRoI pooling ("custom", "portable", "auto"); no retraining.
+
+        Affects graphs traced afterwards (e.g. an export with "portable").
+        """
+        self.head.psroi_impl = implementation
+
+    def get_config(self):
+        return {"model_config": configs.to_dict(self._model_config), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)

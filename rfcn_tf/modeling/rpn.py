@@ -1,0 +1,117 @@
+"""Region proposal network: the conv head on conv4 and the proposal layer.
+
+Boxes are (ymin, xmin, ymax, xmax) in pixels of the resized input image
+(official.vision's convention, continuous coordinates: a box covering pixel
+columns 0..9 has xmin=0, xmax=10).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+import tf_keras
+
+from official.vision.ops import box_ops
+from official.vision.ops import nms
+
+
+def _small_normal():
+    """A fresh N(0, 0.01^2) initializer (Faster R-CNN's init for new output convs)."""
+    return tf_keras.initializers.RandomNormal(stddev=0.01)
+
+
+@tf_keras.utils.register_keras_serializable(package="rfcn_tf")
+class RpnHead(tf_keras.layers.Layer):
+    """A 3x3 conv (ReLU) then sibling 1x1 objectness and box-delta convs.
+
+    call(features [B, H, W, C]) -> (scores [B, H*W*A] logits,
+    deltas [B, H*W*A, 4] as official.vision's encode_boxes (dy, dx, dh, dw)
+    relative to the anchors of `anchors.grid_anchors`, unscaled).
+    Outputs are float32 whatever the layer's compute dtype.
+    """
+
+    def __init__(self, num_anchors: int, conv_channels: int = 512, **kwargs):
+        super().__init__(**kwargs)
+        self._config_dict = {"num_anchors": num_anchors, "conv_channels": conv_channels}
+        self._conv = tf_keras.layers.Conv2D(conv_channels, 3, padding="same", activation="relu",
+                                            kernel_initializer=_small_normal(), name="rpn_conv")
+        self._scores = tf_keras.layers.Conv2D(num_anchors, 1, kernel_initializer=_small_normal(),
+                                              name="rpn_scores")
+        self._deltas = tf_keras.layers.Conv2D(4 * num_anchors, 1, kernel_initializer=_small_normal(),
+                                              name="rpn_boxes")
+
+    def call(self, features):
+        x = self._conv(features)
+        batch = tf.shape(features)[0]
+        scores = tf.reshape(tf.cast(self._scores(x), tf.float32), [batch, -1])
+        deltas = tf.reshape(tf.cast(self._deltas(x), tf.float32), [batch, -1, 4])
+        return scores, deltas
+
+    def get_config(self):
+        return {**super().get_config(), **self._config_dict}
+
+
+@tf_keras.utils.register_keras_serializable(package="rfcn_tf")
+class ProposalGenerator(tf_keras.layers.Layer):
+    """Turns RPN outputs into at most `num_proposals` RoIs per image.
+
+    Steps (per image, batched): sigmoid scores; decode deltas at the anchors
+    (official.vision box_ops.decode_boxes); clip to the true image size; drop
+    boxes with a side <= min_box_size (or a centre outside the image); keep the
+    pre_nms_top_k best; NMS at nms_iou (official.vision's
+    sorted_non_max_suppression_padded); keep the first num_proposals.
+
+    call(scores [B, N], deltas [B, N, 4], anchors [N, 4], image_shape [B, 2]
+    (true height, width of each resized image), training) ->
+      proposals float32 [B, K, 4] sorted by score, scores float32 [B, K];
+      K = num_proposals of the mode (train or test). Slots left empty when
+      fewer boxes survive are all-zero boxes with score 0. Gradients do not
+      flow into the proposals (approximate joint training).
+    """
+
+    def __init__(self, pre_nms_top_k_train: int = 12000, pre_nms_top_k_test: int = 6000,
+                 num_proposals_train: int = 2000, num_proposals_test: int = 300,
+                 nms_iou: float = 0.7, min_box_size: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self._config_dict = {
+            "pre_nms_top_k_train": pre_nms_top_k_train, "pre_nms_top_k_test": pre_nms_top_k_test,
+            "num_proposals_train": num_proposals_train, "num_proposals_test": num_proposals_test,
+            "nms_iou": nms_iou, "min_box_size": min_box_size,
+        }
+
+    def num_proposals(self, training: bool) -> int:
+        return self._config_dict["num_proposals_train" if training else "num_proposals_test"]
+
+    def call(self, scores, deltas, anchors, image_shape, training: Optional[bool] = None):
+        cfg = self._config_dict
+        pre_nms_top_k = cfg["pre_nms_top_k_train" if training else "pre_nms_top_k_test"]
+        num_proposals = self.num_proposals(bool(training))
+        scores = tf.stop_gradient(tf.sigmoid(scores))
+        deltas = tf.stop_gradient(deltas)
+        image_shape = tf.cast(image_shape, tf.float32)[:, None, :]  # [B, 1, 2]
+
+        boxes = box_ops.decode_boxes(deltas, anchors[None])
+        boxes = box_ops.clip_boxes(boxes, image_shape)
+        boxes, kept_scores = box_ops.filter_boxes(boxes, scores, image_shape, cfg["min_box_size"])
+        dropped = tf.reduce_all(tf.equal(boxes, 0.0), axis=-1)
+        kept_scores = tf.where(dropped, -tf.ones_like(kept_scores), kept_scores)
+
+        k = tf.minimum(pre_nms_top_k, tf.shape(kept_scores)[1])
+        boxes, kept_scores = box_ops.top_k_boxes(boxes, kept_scores, k=k)
+        # The NMS needs at least num_proposals candidates: pad with empty boxes.
+        pad = tf.maximum(num_proposals - k, 0)
+        boxes = tf.pad(boxes, [[0, 0], [0, pad], [0, 0]])
+        kept_scores = tf.pad(kept_scores, [[0, 0], [0, pad]], constant_values=-1.0)
+        out_scores, out_boxes = nms.sorted_non_max_suppression_padded(
+            kept_scores, boxes, max_output_size=num_proposals, iou_threshold=cfg["nms_iou"])
+        out_scores = tf.maximum(out_scores, 0.0)
+        return tf.stop_gradient(out_boxes), tf.stop_gradient(out_scores)
+
+    def get_config(self):
+        return {**super().get_config(), **self._config_dict}
+
+
+def valid_boxes(boxes: tf.Tensor) -> tf.Tensor:
+    """bool [...]: the boxes [..., 4] with positive height and width."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
