@@ -196,6 +196,16 @@ class DataConfig:
       long side would exceed `max_side`.
     multiscale_short_sides: when non-empty (training), the short side is drawn
       from this list per image.
+    image_check: how readers vet image files before use: "none" (exists),
+      "header" (header parses and the file is not truncated) or "full" (decodes).
+    pad_multiple: images are zero-padded at the bottom/right so that height and
+      width are multiples of this (the feature stride).
+    padded_size: [] pads each batch to its largest image (rounded up to
+      pad_multiple); [H, W] pads every image to H x W (images are scaled down
+      to fit if needed), for static shapes.
+    include_filename: add a string "filename" to each element (keep False for
+      accelerators under tf.distribute).
+    synthetic_seed: seed of the generated synthetic set (format "synthetic").
     """
 
     format: str = "voc"
@@ -219,6 +229,11 @@ class DataConfig:
     num_parallel_calls: int = -1
     synthetic_num_images: int = 64
     synthetic_image_size: List[int] = dataclasses.field(default_factory=lambda: [320, 320])
+    image_check: str = "header"
+    pad_multiple: int = 16
+    padded_size: List[int] = dataclasses.field(default_factory=list)
+    include_filename: bool = False
+    synthetic_seed: int = 0
 
 
 # ------------------------------------------------------------- training ------
