@@ -168,6 +168,20 @@ def test_perfect_detections_give_one_including_zero_area_box():
     assert result["voc_AP@0.5/b"] == pytest.approx(1.0, abs=1e-12)
 
 
+def test_score_ties_keep_feeding_order():
+    # 30 images with one gt A each. Image i: i % 3 == 0 -> TP at 0.7;
+    # i % 3 == 1 -> FP (far box) at 0.5; i % 3 == 2 -> TP at 0.5.
+    # Devkit ranking (stable): 10 TPs, then FP, TP, FP, TP, ... in image order.
+    # Precision after the j-th tied TP: (10 + j) / (10 + 2j), decreasing in j,
+    # so it is its own envelope. Area AP = 10/30 * 1 + sum_j 1/30 * (10+j)/(10+2j).
+    far = (60, 60, 69, 69)
+    images = [{"gt": [(A, 1, False)],
+               "det": [(A, 1, 0.7)] if i % 3 == 0 else
+                      [(far, 1, 0.5)] if i % 3 == 1 else [(A, 1, 0.5)]} for i in range(30)]
+    expected = 1 / 3 + sum((10 + j) / (10 + 2 * j) for j in range(1, 11)) / 30
+    assert evaluate(images)["voc_AP@0.5/a"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_iou_threshold_parameter_and_key_names():
     # IoU of (0,0,9,4) with A is exactly 0.5 (inclusive): a TP at 0.5, a miss at 0.7.
     image = {"gt": [(A, 1, False)], "det": [((0, 0, 9, 4), 1, 0.9)]}
