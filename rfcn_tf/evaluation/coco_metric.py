@@ -136,21 +136,21 @@ class COCOMetric:
                   for image_id, (h, w) in enumerate(sizes, start=1)]
         gt = {key: np.concatenate([part[key] for part in self._gt]) for key in self._gt[0]}
         annotations = [
-            {"id": ann_id, "image_id": int(image_id), "category_id": int(category),
+            {"id": ann_id, "image_id": image_id, "category_id": category,
              "bbox": box, "area": box[2] * box[3], "iscrowd": int(crowd)}
             for ann_id, (image_id, category, box, crowd) in enumerate(
-                zip(gt["image_id"], gt["category_id"], gt["bbox"].tolist(), gt["iscrowd"]),
-                start=1)]
+                zip(gt["image_id"].tolist(), gt["category_id"].tolist(), gt["bbox"].tolist(),
+                    gt["iscrowd"].tolist()), start=1)]
         categories = [{"id": class_id, "name": name}
                       for class_id, name in enumerate(self.class_names, start=1)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
     def _detection_results(self) -> list:
         det = {key: np.concatenate([part[key] for part in self._det]) for key in self._det[0]}
-        return [{"image_id": int(image_id), "category_id": int(category), "bbox": box,
-                 "score": float(score)}
+        return [{"image_id": image_id, "category_id": category, "bbox": box, "score": score}
                 for image_id, category, box, score in zip(
-                    det["image_id"], det["category_id"], det["bbox"].tolist(), det["score"])]
+                    det["image_id"].tolist(), det["category_id"].tolist(), det["bbox"].tolist(),
+                    det["score"].tolist())]
 
     def _run_cocoeval(self) -> cocoeval.COCOeval:
         coco_gt = coco_api.COCO()
