@@ -1,6 +1,9 @@
 """VOCMetric against hand-computed cases and a loop-by-loop devkit reference."""
 
+import glob
 import math
+import os
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -315,3 +318,69 @@ def test_bad_constructor_arguments():
         VOCMetric(["a", "a"])
     with pytest.raises(ValueError, match="iou_threshold"):
         VOCMetric(["a"], iou_threshold=0.0)
+
+
+def bccd_root():
+    root = os.environ.get("RFCN_TF_BCCD") or os.path.join(
+        os.path.dirname(__file__), "..", "..", "shared", "datasets", "bccd")
+    if not os.path.isdir(os.path.join(root, "Annotations")):
+        pytest.skip(f"BCCD dataset not found at {root} (set RFCN_TF_BCCD)")
+    return root
+
+
+def read_bccd_annotations(root):
+    """All images' (boxes [N,4] yxyx, class names [N], difficult [N]) from the XML files."""
+    images = []
+    for path in sorted(glob.glob(os.path.join(root, "Annotations", "*.xml"))):
+        objects = ET.parse(path).getroot().findall("object")
+        boxes = [[float(o.find("bndbox").find(k).text) for k in ("ymin", "xmin", "ymax", "xmax")]
+                 for o in objects]
+        names = [o.find("name").text.strip() for o in objects]
+        difficult = [o.find("difficult") is not None and o.find("difficult").text.strip() == "1"
+                     for o in objects]
+        images.append((np.array(boxes).reshape(-1, 4), names, np.array(difficult, bool)))
+    return images
+
+
+def test_bccd_ground_truth_as_detections():
+    """On the real BCCD annotations (364 images, two zero-area boxes): the
+    ground truth itself scores AP 1 for every class; keeping every other RBC
+    detection gives precision 1 up to recall r = kept / total, so area AP = r
+    and VOC07 AP = #{k/10 <= r} / 11."""
+    names = ["RBC", "WBC", "Platelets"]
+    images = read_bccd_annotations(bccd_root())
+    zero_area = sum(int(np.sum((b[:, 2] == b[:, 0]) | (b[:, 3] == b[:, 1]))) for b, _, _ in images)
+    assert zero_area >= 1  # the dataset's degenerate boxes are part of the check
+    rng = np.random.default_rng(0)
+    full, halved = VOCMetric(names), VOCMetric(names)
+    rbc_seen = rbc_kept = 0
+    for start in range(0, len(images), 16):
+        batch = []
+        for boxes, classes, difficult in images[start:start + 16]:
+            gt = [(box, names.index(c) + 1, d) for box, c, d in zip(boxes, classes, difficult)]
+            det = [(box, cls, float(rng.random())) for box, cls, _ in gt]
+            batch.append((gt, det))
+        full.update_state(*make_batch([{"gt": g, "det": d} for g, d in batch]))
+        halved_images = []
+        for gt, det in batch:
+            kept = []
+            for entry in det:
+                if entry[1] == 1:
+                    rbc_seen += 1
+                    if rbc_seen % 2 == 0:
+                        continue
+                    rbc_kept += 1
+                kept.append(entry)
+            halved_images.append({"gt": gt, "det": kept})
+        halved.update_state(*make_batch(halved_images, num_slots_det=max(
+            1, max(len(d) for _, d in batch))))
+    result = full.result()
+    for name in names:
+        assert result[f"voc_AP@0.5/{name}"] == pytest.approx(1.0, abs=1e-12), name
+        assert result[f"voc07_AP@0.5/{name}"] == pytest.approx(1.0, abs=1e-12), name
+    recall = rbc_kept / rbc_seen
+    result = halved.result()
+    assert result["voc_AP@0.5/RBC"] == pytest.approx(recall, abs=1e-12)
+    assert result["voc07_AP@0.5/RBC"] == pytest.approx(
+        sum(k / 10 <= recall for k in range(11)) / 11, abs=1e-12)
+    assert result["voc_AP@0.5/WBC"] == pytest.approx(1.0, abs=1e-12)
