@@ -8,7 +8,8 @@ Conventions:
 * Boxes (ymin, xmin, ymax, xmax) in original-image pixels become COCO
   [x, y, width, height] with width = xmax - xmin (continuous coordinates, no
   "+1"). A ground truth's area (used for the small/medium/large split:
-  < 32^2, 32^2..96^2, > 96^2) is its box area width * height.
+  < 32^2, 32^2..96^2, > 96^2) is its box area width * height. A zero-area
+  ground truth (BCCD has two) can never be matched: its IoU is 0.
 * gt_is_crowd marks crowd regions: COCOeval ignores them as ground truth,
   and a detection matched to one is neither TP nor FP. gt_difficult is not
   used (COCO has no such notion): difficult boxes count as ordinary ones.
@@ -18,21 +19,20 @@ Conventions:
 * COCOeval keeps, per image and category, the `max_detections`
   highest-scoring detections.
 * pycocotools reports -1 where a statistic has no ground truth (e.g. APs
-  with no small object); this metric returns NaN there instead. The 12
-  values are read from COCOeval's accumulated arrays the way summarize()
-  computes them, except that AP too uses `max_detections` (summarize()
-  hard-codes 100 for it). A category
+  with no small object); this metric returns NaN there instead. A category
   with no ground truth is left out of the means (COCOeval's rule) and has
   per-class AP NaN.
+* The 12 values are read from COCOeval's accumulated arrays the way
+  summarize() computes them, except that AP too uses `max_detections`
+  (summarize() hard-codes 100 for it).
 
 Why not official.vision's COCOEvaluator: its update_state calls `.numpy()`
 on every input (tf.Tensors only), turns all K detection slots into
 detections regardless of num_detections, takes the evaluated image ids from
 the detections (images without detections would drop their ground truth),
 needs integer source ids, always prints the summary (whose AP ignores
-max_num_eval_detections, see above), and its per-category
-metrics need a pycocotools fork (`COCOeval.category_stats`, absent from
-pycocotools 2.0.x). Its box conversion (`box_ops.yxyx_to_xywh`) is reused.
+max_num_eval_detections, see above), and its per-category metrics need a
+pycocotools fork (`COCOeval.category_stats`, absent from pycocotools 2.0.x). Its box conversion (`box_ops.yxyx_to_xywh`) is reused.
 The tests check this metric against COCOEvaluator on inputs it accepts.
 """
 
