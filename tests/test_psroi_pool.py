@@ -61,6 +61,15 @@ def make_rois(rng, num_images, image_h, image_w, num_random):
     return np.concatenate([np.array(special), random]).astype(np.float32)
 
 
+def integer_size_rois(image_size):
+    """RoIs of every integer width and height up to image_size: many of their bin edges
+    fall exactly on an integer, where any inexact division moves them."""
+    sizes = np.arange(image_size, dtype=np.float32)
+    starts = sizes % 7
+    return np.stack([np.zeros_like(sizes), starts, starts[::-1], starts + sizes,
+                     starts[::-1] + sizes[::-1]], axis=1)
+
+
 def make_case(seed, k, scale, num_images=2, height=9, width=11, depth=3, num_random=20,
               offset=0.0):
     rng = np.random.default_rng(seed)
@@ -84,6 +93,19 @@ def test_forward_matches_reference(impl, k, scale):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
     # The RoIs right of / above-left of the map pool to exactly 0.
     assert not np.any(expected[5:7]) and not np.any(out.numpy()[5:7])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("k, scale", [(7, 1.0 / 16), (3, 1.0 / 16), (7, 1.0), (6, 0.1)])
+def test_exact_bin_edges_in_tf_function(impl, k, scale):
+    # Graph optimizers must not turn size / k into size * (1/k): with the reciprocal,
+    # e.g. a RoI of width 84 at scale 1/16 gets bin 0.75000006 and edge ceil(4*bin) = 4.
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(1, 13, 13, k * k)).astype(np.float32)
+    rois = integer_size_rois(int(13 / scale))
+    out = tf.function(lambda m, r: psroi(m, r, k, scale, impl))(maps, rois)
+    np.testing.assert_allclose(out.numpy(), psroi_pool_forward(maps, rois, k, scale),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -153,11 +175,12 @@ def test_gradient_matches_reference(impl, k):
 def test_gradient_matches_numeric(impl):
     k, scale = 2, 0.5
     maps, rois = make_case(seed=3, k=k, scale=scale, num_images=2, height=4, width=5,
-                           depth=2, num_random=4)
+                           depth=2, num_random=3)
+    rois = rois[[0, 1, 3, 4, 7, 10, 11, 12, 13]]  # halves, partly outside, sub-pixel, random
     # The op is linear in score_maps, so a large step differentiates it exactly up to
     # float32 rounding.
-    theoretical, numerical = tf.test.compute_gradient(
-        lambda m: psroi(m, rois, k, scale, impl), [tf.constant(maps)], delta=0.5)
+    pool = tf.function(lambda m: psroi(m, rois, k, scale, impl))
+    theoretical, numerical = tf.test.compute_gradient(pool, [tf.constant(maps)], delta=0.5)
     assert np.any(theoretical[0])
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-4)
 
@@ -347,6 +370,7 @@ def test_portable_converts_to_tflite_builtins():
     interpreter_module = pytest.importorskip("ai_edge_litert.interpreter")
     k, scale = 3, 1.0 / 16
     maps, rois = make_case(seed=9, k=k, scale=scale, num_images=1)
+    rois = np.concatenate([rois, integer_size_rois(int(9 / scale))])
 
     @tf.function(input_signature=[tf.TensorSpec(maps.shape, tf.float32),
                                   tf.TensorSpec(rois.shape, tf.float32)])

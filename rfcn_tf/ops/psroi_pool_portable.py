@@ -39,7 +39,12 @@ def _bin_edges(start, end, group_size, limit):
     Returns (lo, hi): int32 [R, k], bin t spanning [lo[:, t], hi[:, t]) after clipping
     both to [0, limit].
     """
-    bin_size = tf.maximum(end - start, 0.1) / float(group_size)
+    size = tf.maximum(end - start, 0.1)
+    # size / k, with a divisor that equals k (size > 0) but depends on the input: a
+    # constant divisor is strength-reduced to a multiplication by the rounded 1/k by
+    # grappler (in tf.function) and by the TFLite converter, which is not the IEEE
+    # quotient and moves bin edges that fall exactly on an integer.
+    bin_size = size / (tf.minimum(size, 0.0) + float(group_size))
     steps = tf.range(group_size, dtype=tf.float32)
     lo = tf.floor(steps[tf.newaxis, :] * bin_size[:, tf.newaxis] + start[:, tf.newaxis])
     hi = tf.math.ceil((steps[tf.newaxis, :] + 1.0) * bin_size[:, tf.newaxis]

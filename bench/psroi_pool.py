@@ -1,0 +1,248 @@
+"""Benchmark of position-sensitive RoI pooling implementations (not a test).
+
+Shapes of one 600x1000 image at feature stride 16 in R-FCN (k = 7, 300 RoIs):
+  class branch: score maps [1, 38, 63, 7*7*21] (20 classes + background)
+  box branch:   score maps [1, 38, 63, 7*7*4]  (class-agnostic boxes)
+
+Implementations compared, each inside a tf.function:
+  custom           the compiled RfcnPsRoiPool op (skipped when its library is not built)
+  portable         the stock-op summed-area-table twin (rfcn_tf.ops, "portable")
+  crop_and_resize  a position-sensitive crop in the style of the TF Object Detection
+                   API: tf.image.crop_and_resize samples an s x s grid in every bin from
+                   that bin's channel group, then the samples are averaged. Bilinear
+                   sampling, so it only approximates exact bin averages.
+
+Forward and forward+backward (gradient wrt the score maps) are timed separately: after
+a warm-up, the repeats alternate implementations so that drift hits all of them alike.
+Prints medians, ratios to custom and a Markdown table; --output writes JSON.
+
+  python bench/psroi_pool.py --output=/tmp/psroi_bench.json
+"""
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+
+import rfcn_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from rfcn_tf.ops import op_library, psroi_pool
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
+flags.DEFINE_integer("repeats", 50, "Timed calls per implementation and measurement.")
+flags.DEFINE_integer("warmup", 5, "Untimed calls per implementation before timing.")
+flags.DEFINE_integer("num_rois", 300, "RoIs per image.")
+flags.DEFINE_integer("samples_per_bin", 2,
+                     "crop_and_resize baseline: samples per bin side (s x s per bin).")
+flags.DEFINE_string("device", None, "Device to run on, e.g. /CPU:0 or /GPU:0 "
+                    "(default: TensorFlow's placement).")
+
+GROUP_SIZE = 7
+SPATIAL_SCALE = 1.0 / 16
+IMAGE_HEIGHT, IMAGE_WIDTH = 600, 1000
+BRANCHES = {"class": 21, "box": 4}  # depth D of each branch
+
+
+def make_rois(rng, num_rois):
+    """Proposal-like RoIs in a 600x1000 image: log-uniform sides 16..600, clipped."""
+    sides = np.exp(rng.uniform(np.log(16), np.log(600), (num_rois, 2)))
+    centers = rng.uniform(0, 1, (num_rois, 2)) * [IMAGE_WIDTH, IMAGE_HEIGHT]
+    x1y1 = np.maximum(centers - sides / 2, 0)
+    x2y2 = np.minimum(centers + sides / 2, [IMAGE_WIDTH - 1, IMAGE_HEIGHT - 1])
+    batch = np.zeros((num_rois, 1))
+    return np.concatenate([batch, x1y1, x2y2], axis=1).astype(np.float32)
+
+
+def ps_crop_and_resize(score_maps, rois, group_size, spatial_scale, samples_per_bin):
+    """Position-sensitive average pooling by bilinear sampling with crop_and_resize.
+
+    The k*k channel groups become separate images ([N*k*k, H, W, D]); every (RoI, bin)
+    is one box on the image of its group, sampled on an s x s grid of bin-interior
+    points and averaged. Bins follow the op's RoI rounding and scaling; sample points
+    are at the centres of an s x s split of each bin (pixel centres at integer + 0.5).
+    Returns [R, k, k, D].
+    """
+    k, groups = group_size, group_size * group_size
+    shape = tf.shape(score_maps)
+    num_images, height, width = shape[0], shape[1], shape[2]
+    depth = shape[3] // groups
+    images = tf.reshape(score_maps, [num_images, height, width, depth, groups])
+    images = tf.reshape(tf.transpose(images, [0, 4, 1, 2, 3]),
+                        [num_images * groups, height, width, depth])
+
+    corners = tf.sign(rois[:, 1:]) * tf.floor(tf.abs(rois[:, 1:]) + 0.5)
+    corners = (corners + [0.0, 0.0, 1.0, 1.0]) * spatial_scale
+    x1, y1, x2, y2 = tf.unstack(corners, axis=1)
+    bin_w = tf.maximum(x2 - x1, 0.1) / k
+    bin_h = tf.maximum(y2 - y1, 0.1) / k
+    steps = tf.range(k, dtype=tf.float32)
+    # Outermost sample points of bin t, in pixel-centre coordinates (centre of pixel p = p).
+    inset = 0.5 / samples_per_bin
+
+    def sample_span(start, size, extent):
+        lo = start[:, None] + (steps + inset) * size[:, None] - 0.5
+        hi = start[:, None] + (steps + 1.0 - inset) * size[:, None] - 0.5
+        scale = 1.0 / tf.cast(tf.maximum(extent - 1, 1), tf.float32)
+        return lo * scale, hi * scale  # normalised, [R, k]
+
+    ylo, yhi = sample_span(y1, bin_h, height)
+    xlo, xhi = sample_span(x1, bin_w, width)
+    num_rois = tf.shape(rois)[0]
+    tile = lambda t, axis: tf.broadcast_to(tf.expand_dims(t, axis), [num_rois, k, k])  # noqa
+    boxes = tf.stack([tile(ylo, 2), tile(xlo, 1), tile(yhi, 2), tile(xhi, 1)], axis=-1)
+    box_images = (tf.cast(rois[:, 0], tf.int32)[:, None, None] * groups
+                  + tf.reshape(tf.range(groups), [1, k, k]))
+    crops = tf.image.crop_and_resize(images, tf.reshape(boxes, [-1, 4]),
+                                     tf.reshape(box_images, [-1]),
+                                     [samples_per_bin, samples_per_bin])
+    return tf.reshape(tf.reduce_mean(crops, axis=[1, 2]), [num_rois, k, k, depth])
+
+
+def make_pool_fn(name):
+    if name == "crop_and_resize":
+        return lambda m, r: ps_crop_and_resize(m, r, GROUP_SIZE, SPATIAL_SCALE,
+                                               FLAGS.samples_per_bin)
+    return lambda m, r: psroi_pool(m, r, group_size=GROUP_SIZE, spatial_scale=SPATIAL_SCALE,
+                                   implementation=name)
+
+
+def make_steps(pool):
+    """Returns tf.functions (forward, forward_backward)."""
+
+    @tf.function
+    def forward(maps, rois):
+        return pool(maps, rois)
+
+    @tf.function
+    def forward_backward(maps, rois, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(maps)
+            out = pool(maps, rois)
+        return out, tape.gradient(out, maps, output_gradients=upstream)
+
+    return forward, forward_backward
+
+
+def sync():
+    if tf.config.list_logical_devices("GPU"):
+        tf.test.experimental.sync_devices()
+
+
+def time_calls(calls, repeats, warmup):
+    """calls: {name: zero-argument callable}. Returns {name: [seconds per call]}."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+        sync()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_branch(depth, names, rng):
+    maps = tf.constant(rng.normal(size=(1, 38, 63, GROUP_SIZE * GROUP_SIZE * depth)),
+                       tf.float32)
+    rois = tf.constant(make_rois(rng, FLAGS.num_rois))
+    upstream = tf.constant(rng.normal(size=(FLAGS.num_rois, GROUP_SIZE, GROUP_SIZE, depth)),
+                           tf.float32)
+    steps = {name: make_steps(make_pool_fn(name)) for name in names}
+    fwd = {n: (lambda f=f: f[0](maps, rois)) for n, f in steps.items()}
+    fwd_bwd = {n: (lambda f=f: f[1](maps, rois, upstream)) for n, f in steps.items()}
+    results = {}
+    for label, calls in (("forward", fwd), ("forward_backward", fwd_bwd)):
+        times = time_calls(calls, FLAGS.repeats, FLAGS.warmup)
+        results[label] = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    if "custom" in names and "portable" in names:
+        exact = [steps[n][0](maps, rois).numpy() for n in ("custom", "portable")]
+        results["max_abs_diff_custom_portable"] = float(np.abs(exact[0] - exact[1]).max())
+    return results
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def markdown(results, names):
+    lines = ["| branch | pass | " + " | ".join(f"{n} (ms)" for n in names)
+             + " | portable/custom | crop_and_resize/custom | best stock/custom |",
+             "|---" * (len(names) + 5) + "|"]
+    for branch, res in results["branches"].items():
+        for label in ("forward", "forward_backward"):
+            ms = res[label]
+            cells = [f"{ms[n]:.2f}" for n in names]
+            custom = ms.get("custom")
+            stock = min(ms[n] for n in names if n != "custom")
+            ratios = [ratio(ms.get("portable"), custom), ratio(ms.get("crop_and_resize"), custom),
+                      ratio(stock, custom)]
+            cells += ["-" if r is None else f"{r:.2f}x" for r in ratios]
+            lines.append(f"| {branch} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    names = ["portable", "crop_and_resize"]
+    if op_library.is_available():
+        names.insert(0, "custom")
+    else:
+        print("custom: compiled library not available, skipped")
+    rng = np.random.default_rng(0)
+    gpus = tf.config.list_physical_devices("GPU")
+    results = {
+        "tensorflow": tf.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+                for g in gpus],
+        "device": FLAGS.device or ("GPU:0" if gpus else "CPU:0"),
+        "num_rois": FLAGS.num_rois,
+        "group_size": GROUP_SIZE,
+        "repeats": FLAGS.repeats,
+        "samples_per_bin": FLAGS.samples_per_bin,
+        "branches": {},
+    }
+    with tf.device(FLAGS.device) if FLAGS.device else contextlib.nullcontext():
+        for branch, depth in BRANCHES.items():
+            shape = [1, 38, 63, GROUP_SIZE * GROUP_SIZE * depth]
+            res = run_branch(depth, names, rng)
+            res["score_maps_shape"] = shape
+            results["branches"][branch] = res
+            for label in ("forward", "forward_backward"):
+                ms = res[label]
+                print(f"{branch} {shape} {label}: "
+                      + ", ".join(f"{n} {ms[n]:.2f} ms" for n in names))
+    table = markdown(results, names)
+    results["markdown"] = table
+    print(f"\nTensorFlow {tf.__version__}, {results['cpu']} ({results['cpu_count']} CPUs), "
+          f"device {results['device']}, medians of {FLAGS.repeats} calls\n")
+    print(table)
+    if FLAGS.output:
+        with open(FLAGS.output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nWrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
