@@ -1,0 +1,169 @@
+"""COCO instances JSON reading and writing.
+
+Read: images[{id, file_name, height, width}], annotations[{id, image_id,
+category_id, bbox: [x, y, w, h] pixels, iscrowd}], categories[{id, name}].
+Boxes become (ymin, xmin, ymax, xmax) = (y, x, y + h, x + w). Crowd boxes are
+kept with is_crowd set: the training pipeline drops them, evaluation uses them.
+
+Class ids: with a label map, categories are matched BY NAME to its ids; without
+one, the label map is the categories sorted by COCO id, renumbered 1..C
+(COCO's own ids have gaps). `category_ids(...)` gives the COCO id of each
+class, for writing results back in COCO ids. source_id is the COCO image id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from rfcn_tf.data import report as rpt
+from rfcn_tf.data import validation
+from rfcn_tf.data.label_map import LabelMap
+from rfcn_tf.data.records import DataError, ImageRecord
+
+REASON_DUPLICATE_IMAGE = "duplicate image id"
+REASON_BAD_IMAGE_ENTRY = "image entry without an integer id or a file_name"
+REASON_DUPLICATE_ANNOTATION = "duplicate annotation id"
+REASON_UNKNOWN_IMAGE = "annotation of an unknown image id"
+REASON_UNKNOWN_CATEGORY = "annotation of an unknown category id"
+
+
+def load_json(annotation_file: str) -> dict:
+    """Loads and shape-checks an instances JSON; raises DataError naming the problem."""
+    if not os.path.isfile(annotation_file):
+        raise DataError(f"COCO annotation file not found: {annotation_file}")
+    try:
+        with open(annotation_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"COCO annotation file {annotation_file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DataError(f"COCO annotation file {annotation_file} must hold a JSON object")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"COCO annotation file {annotation_file} has no '{key}' list")
+    if not isinstance(data.get("annotations", []), list):
+        raise DataError(f"COCO annotation file {annotation_file}: 'annotations' must be a list")
+    return data
+
+
+def _categories(data: dict, source: str) -> Dict[int, str]:
+    categories = {}
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not cat.get("name"):
+            raise DataError(f"{source}: category entry {cat!r} needs an integer id and a name")
+        categories[cat["id"]] = str(cat["name"])
+    if not categories:
+        raise DataError(f"{source}: no categories")
+    return categories
+
+
+def dataset_label_map(data: dict, source: str = "COCO") -> LabelMap:
+    """Categories sorted by COCO id, renumbered 1..C."""
+    categories = _categories(data, source)
+    return LabelMap.from_names(categories[k] for k in sorted(categories))
+
+
+def category_ids(data: dict, label_map: LabelMap) -> Dict[int, int]:
+    """class id (of `label_map`) -> COCO category id, matched by name."""
+    by_name = {name: cat_id for cat_id, name in _categories(data, "COCO").items()}
+    return {i: by_name[label_map.name_of(i)] for i in label_map.ids
+            if label_map.name_of(i) in by_name}
+
+
+def _box(bbox) -> Optional[List[float]]:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    return [y, x, y + h, x + w]
+
+
+def read_coco(annotation_file: str, image_dir: str, label_map: Optional[LabelMap] = None,
+              strict: bool = False, image_check: str = "header",
+              report: Optional[rpt.DataReport] = None
+              ) -> Tuple[List[ImageRecord], LabelMap, rpt.DataReport]:
+    """Reads and cleans an instances JSON whose file_names are relative to `image_dir`."""
+    data = load_json(annotation_file)
+    report = report or rpt.DataReport(f"COCO {annotation_file}")
+    label_map = label_map or dataset_label_map(data, annotation_file)
+    categories = _categories(data, annotation_file)
+
+    images: Dict[int, dict] = {}
+    for entry in data["images"]:
+        report.add(rpt.IMAGES_READ, "image entries in the JSON")
+        if (not isinstance(entry, dict) or not isinstance(entry.get("id"), int)
+                or not entry.get("file_name")):
+            report.add(rpt.IMAGES_SKIPPED, REASON_BAD_IMAGE_ENTRY, example=str(entry)[:60])
+            continue
+        if entry["id"] in images:
+            report.add(rpt.IMAGES_SKIPPED, REASON_DUPLICATE_IMAGE, example=entry["id"])
+            continue
+        images[entry["id"]] = entry
+
+    objects: Dict[int, List[validation.RawObject]] = {i: [] for i in images}
+    seen_annotations = set()
+    for ann in data.get("annotations", []):
+        if not isinstance(ann, dict):
+            report.add(rpt.OBJECTS_SKIPPED, "annotation entry is not an object")
+            continue
+        if "id" in ann:
+            if ann["id"] in seen_annotations:
+                report.add(rpt.OBJECTS_SKIPPED, REASON_DUPLICATE_ANNOTATION, example=ann["id"])
+                continue
+            seen_annotations.add(ann["id"])
+        if ann.get("image_id") not in objects:
+            report.add(rpt.OBJECTS_SKIPPED, REASON_UNKNOWN_IMAGE, example=ann.get("image_id"))
+            continue
+        if ann.get("category_id") not in categories:
+            if strict:
+                raise DataError(f"{annotation_file}: annotation {ann.get('id')} has unknown "
+                                f"category id {ann.get('category_id')}")
+            report.add(rpt.OBJECTS_SKIPPED, REASON_UNKNOWN_CATEGORY,
+                       example=ann.get("category_id"))
+            continue
+        objects[ann["image_id"]].append(validation.RawObject(
+            name=categories[ann["category_id"]], label=None, box=_box(ann.get("bbox")),
+            is_crowd=bool(ann.get("iscrowd", 0))))
+
+    records = []
+    for image_id, entry in images.items():
+        path = os.path.join(image_dir, entry["file_name"])
+        annotated = (int(entry.get("height") or 0), int(entry.get("width") or 0))
+        size = validation.vet_image_file(path, annotated, image_check, entry["file_name"], report)
+        if size is None:
+            continue
+        records.append(validation.clean_image(image_id, entry["file_name"], path, size[0],
+                                              size[1], objects[image_id], label_map, strict,
+                                              report))
+        report.add(rpt.IMAGES_KEPT, "valid images")
+    return records, label_map, report
+
+
+def to_coco_dict(records: Sequence[ImageRecord], label_map: LabelMap) -> dict:
+    """An instances JSON dict for `records`: file_name is the record's filename, boxes in
+    pixels, category ids are the label map's ids, annotation ids count from 1."""
+    images, annotations = [], []
+    for record in records:
+        images.append({"id": int(record.source_id), "file_name": record.filename,
+                       "height": int(record.height), "width": int(record.width)})
+        for box, cls, crowd in zip(record.absolute_boxes().astype(float), record.classes,
+                                   record.is_crowd):
+            ymin, xmin, ymax, xmax = (float(v) for v in box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": int(record.source_id),
+                "category_id": int(cls), "bbox": [xmin, ymin, xmax - xmin, ymax - ymin],
+                "area": (xmax - xmin) * (ymax - ymin), "iscrowd": int(bool(crowd))})
+    categories = [{"id": i, "name": label_map.name_of(i), "supercategory": "object"}
+                  for i in label_map.ids]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def write_coco(records: Sequence[ImageRecord], label_map: LabelMap, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(to_coco_dict(records, label_map), f, sort_keys=True)
+    return path

@@ -1,0 +1,240 @@
+"""The tf.data input pipeline: `build_dataset(data_config, batch_size, input_context)`.
+
+Each element is a dict for one batch of B = `batch_size` images (images per
+replica; under tf.distribute pass the per-replica batch size and the
+InputContext, and the data is sharded by input pipeline):
+
+  images        float32 [B, Hp, Wp, 3]  resized, then normalized like
+                official.vision's ResNet input ((x - 255*mean) / (255*std),
+                ImageNet mean/std), then zero-padded at the bottom/right. Hp, Wp
+                are the batch's largest padded size: every image is padded to a
+                multiple of `pad_multiple` (16), so Hp, Wp are too. With
+                `padded_size: [H, W]` every batch is exactly [B, H, W, 3].
+  image_info    float32 [B, 4, 2]  [[original_h, original_w], [scaled_h,
+                scaled_w], [y_scale, x_scale], [0, 0]] (official.vision's layout;
+                scale = scaled / original). Boxes in original pixels = gt_boxes /
+                [y_scale, x_scale, y_scale, x_scale].
+  gt_boxes      float32 [B, max_boxes, 4]  (ymin, xmin, ymax, xmax) in ABSOLUTE
+                pixels of the resized image; padding rows are -1.
+  gt_classes    int32 [B, max_boxes]  1-based label-map ids; padding -1.
+  gt_difficult  bool [B, max_boxes]   VOC difficult flag; padding False.
+  gt_is_crowd   bool [B, max_boxes]   COCO crowd flag; padding False.
+  source_id     int64 [B]  image id (COCO image id; VOC/synthetic: position in
+                the split file; TFRecord: image/source_id).
+  filename      string [B]  only with `include_filename: true`.
+
+Training (`is_training`): boxes of crowd objects are dropped, and difficult ones
+unless `use_difficult`; random horizontal flip (`random_flip`); the short side
+is drawn per image from `multiscale_short_sides` when set; records are shuffled
+and repeated forever; the last partial batch is dropped (static B).
+Evaluation: every box is kept with its flags, one pass, no augmentation, the
+last batch may be smaller.
+
+Resizing: the short side becomes `short_side` unless the long side would exceed
+`max_side` (then the long side is `max_side`), official.vision's Faster R-CNN
+rule; with `padded_size` the image is also scaled to fit inside it.
+
+Robustness: readers skip and count bad files before the pipeline starts (see
+sources/validation). Whatever still fails to parse or decode in the graph is
+skipped by `ignore_errors(log_warning=True)` on the decode step alone, and
+counted when a PipelineStats is passed in.
+
+Randomness is stateless: each element gets its own seed from a
+tf.data.Dataset.random stream, seeded with `seed` (+ the input pipeline id)
+when `deterministic` is true; with `deterministic` the element order is fixed
+as well, so two runs give identical batches.
+
+`cache: true` keeps the DECODED images (uint8, original size) in memory after
+the first pass: roughly H*W*3 bytes per image (0.9 MB for 640x480).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from rfcn_tf.configs import DataConfig
+from rfcn_tf.data import augment, preprocess, sources, tfrecord
+
+_CYCLE_LENGTH = 16
+
+
+class PipelineStats:
+    """Counters of the in-graph decode step, shared by the datasets built with it.
+
+    Create it OUTSIDE any tf.distribute strategy scope (it owns two plain
+    int64 variables on the CPU) and pass it to build_dataset. `skipped()` is
+    the number of elements whose parse/decode failed; it is exact whenever no
+    element is in flight (e.g. after a finite dataset has been exhausted) and
+    may be behind by the prefetch depth while iterating.
+    """
+
+    def __init__(self):
+        with tf.init_scope(), tf.device("/cpu:0"):
+            self._attempted = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                          name="decode_attempted")
+            self._decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="decoded")
+
+    def attempted(self) -> int:
+        return int(self._attempted.numpy())
+
+    def decoded(self) -> int:
+        return int(self._decoded.numpy())
+
+    def skipped(self) -> int:
+        return self.attempted() - self.decoded()
+
+    def count_attempt(self, element):
+        with tf.control_dependencies([self._attempted.assign_add(1)]):
+            return tf.nest.map_structure(tf.identity, element)
+
+    def count_decoded(self, element):
+        with tf.control_dependencies([self._decoded.assign_add(1)]):
+            return tf.nest.map_structure(tf.identity, element)
+
+
+def _records_dataset(records) -> tf.data.Dataset:
+    """One element per record: image_path + annotations (boxes normalized)."""
+    lengths = [r.num_boxes for r in records]
+
+    def ragged(values, inner_shape, dtype):
+        flat = np.concatenate([np.asarray(v, dtype).reshape((-1,) + inner_shape)
+                               for v in values]) if values else np.zeros((0,) + inner_shape)
+        return tf.RaggedTensor.from_row_lengths(flat.astype(dtype), lengths)
+
+    return tf.data.Dataset.from_tensor_slices({
+        "image_path": tf.constant([r.image_path for r in records], tf.string),
+        "source_id": tf.constant([r.source_id for r in records], tf.int64),
+        "filename": tf.constant([r.filename for r in records], tf.string),
+        "boxes": ragged([r.boxes for r in records], (4,), np.float32),
+        "classes": ragged([r.classes for r in records], (), np.int32),
+        "difficult": ragged([r.difficult for r in records], (), bool),
+        "is_crowd": ragged([r.is_crowd for r in records], (), bool),
+    })
+
+
+def _tfrecord_dataset(files, cfg: DataConfig, num_pipelines: int, pipeline_id: int):
+    """Serialized records; sharded by file when there are enough files, else by record."""
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
+    by_file = num_pipelines > 1 and len(files) >= num_pipelines
+    if by_file:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if cfg.is_training:
+        ds = ds.shuffle(len(files), seed=cfg.seed if cfg.deterministic else None,
+                        reshuffle_each_iteration=True)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), _CYCLE_LENGTH),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+    if num_pipelines > 1 and not by_file:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    return ds
+
+
+def _decode_step(from_tfrecord: bool, stats: Optional[PipelineStats]):
+    """The only step allowed to fail on bad data: parse/read, then decode the image."""
+    def decode(element):
+        if stats is not None:
+            element = stats.count_attempt(element)
+        if from_tfrecord:
+            element = tfrecord.parse_example(element)
+            encoded = element.pop("encoded")
+        else:
+            element = dict(element)
+            encoded = tf.io.read_file(element.pop("image_path"))
+        element["image"] = preprocess.decode_image(encoded)
+        return element
+    return decode
+
+
+def _preprocess_step(cfg: DataConfig, num_classes: int):
+    """Augment, resize, normalize, pad and format one decoded element (pure TF)."""
+    training = cfg.is_training
+    fixed_hw = list(cfg.padded_size) or None
+    multiscale = list(cfg.multiscale_short_sides) if training else []
+
+    def run(element, seed):
+        image = element["image"]
+        original_hw = tf.shape(image)[:2]
+        boxes = tf.ensure_shape(element["boxes"], [None, 4])
+        classes = tf.cast(element["classes"], tf.int32)
+        difficult, is_crowd = element["difficult"], element["is_crowd"]
+        boxes, keep = preprocess.sanitize_boxes(boxes, classes, original_hw, num_classes)
+        if training:
+            keep &= tf.logical_not(is_crowd)
+            if not cfg.use_difficult:
+                keep &= tf.logical_not(difficult)
+        boxes, classes, difficult, is_crowd = (tf.boolean_mask(t, keep) for t in
+                                               (boxes, classes, difficult, is_crowd))
+        if training and cfg.random_flip:
+            image, boxes, _ = augment.random_horizontal_flip(
+                image, boxes, tf.stack([seed, tf.constant(0, tf.int64)]))
+        short_side = (augment.random_short_side(multiscale,
+                                                tf.stack([seed, tf.constant(1, tf.int64)]))
+                      if multiscale else float(cfg.short_side))
+        size = preprocess.scaled_size(original_hw, short_side, float(cfg.max_side), fixed_hw)
+        image = preprocess.pad(preprocess.normalize(preprocess.resize(image, size)),
+                               cfg.pad_multiple, fixed_hw)
+        out = {
+            "images": image,
+            "image_info": preprocess.image_info(original_hw, size),
+            "gt_boxes": preprocess.pad_to(preprocess.to_absolute(boxes, size), cfg.max_boxes,
+                                          -1.0),
+            "gt_classes": preprocess.pad_to(classes, cfg.max_boxes, -1),
+            "gt_difficult": preprocess.pad_to(difficult, cfg.max_boxes, False),
+            "gt_is_crowd": preprocess.pad_to(is_crowd, cfg.max_boxes, False),
+            "source_id": element["source_id"],
+        }
+        if cfg.include_filename:
+            out["filename"] = element["filename"]
+        return out
+    return run
+
+
+def build_dataset(data_config: DataConfig, batch_size: int,
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  stats: Optional[PipelineStats] = None) -> tf.data.Dataset:
+    """The batched dataset described in this module's docstring.
+
+    Raises DataError (a ValueError) for a config or dataset that cannot work,
+    naming the field or path.
+    """
+    cfg = data_config
+    if batch_size < 1:
+        raise sources.DataError(f"batch_size must be >= 1, got {batch_size}")
+    source = sources.open_source(cfg)
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    parallel = cfg.num_parallel_calls
+    deterministic = cfg.deterministic
+
+    from_tfrecord = source.tfrecord_files is not None
+    if from_tfrecord:
+        ds = _tfrecord_dataset(source.tfrecord_files, cfg, num_pipelines, pipeline_id)
+    else:
+        ds = _records_dataset(source.records).shard(num_pipelines, pipeline_id)
+
+    def decoded(d):
+        d = d.map(_decode_step(from_tfrecord, stats), num_parallel_calls=parallel,
+                  deterministic=deterministic).ignore_errors(log_warning=True)
+        return d.map(stats.count_decoded) if stats is not None else d
+
+    if cfg.cache:
+        ds = decoded(ds).cache()
+    if cfg.is_training:
+        if cfg.shuffle_buffer > 1:
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed if deterministic else None,
+                            reshuffle_each_iteration=True)
+        ds = ds.repeat()
+    if not cfg.cache:
+        ds = decoded(ds)
+    seeds = tf.data.Dataset.random(
+        seed=(cfg.seed * 1_000_003 + pipeline_id) if deterministic else None)
+    ds = tf.data.Dataset.zip((ds, seeds))
+    ds = ds.map(_preprocess_step(cfg, source.label_map.num_classes),
+                num_parallel_calls=parallel, deterministic=deterministic)
+    ds = ds.padded_batch(batch_size, drop_remainder=cfg.is_training)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.with_options(options)
