@@ -30,14 +30,15 @@ def check_data_paths(data: DataConfig, key: str) -> None:
     """Raises ConfigError when the files a split reads are absent.
 
     `key` is the section name used in messages ("train_data" or "eval_data").
-    Synthetic data is generated into its path, so only the path must be set.
+    Synthetic data is generated into its path (a temporary directory when
+    empty), so it needs nothing on disk.
     """
     if data.format not in DATA_FORMATS:
         raise ConfigError(f"{key}.format must be one of {list(DATA_FORMATS)}, got {data.format!r}")
-    if not data.path:
-        raise ConfigError(f"{key}.path is empty; set it to the dataset location")
     if data.format == "synthetic":
         return
+    if not data.path:
+        raise ConfigError(f"{key}.path is empty; set it to the dataset location")
     if data.format == "tfrecord":
         if not glob.glob(data.path):
             raise ConfigError(f"{key}.path: no file matches the TFRecord pattern '{data.path}' "

@@ -1,0 +1,276 @@
+"""Keras callbacks of the training loop.
+
+Checkpoints are `tf.train.Checkpoint(model=<detector>, optimizer=<optimizer>)`:
+  model_dir/ckpt-<step>       the latest ones (`LatestCheckpoint`, every epoch end)
+  model_dir/best/ckpt-<step>  the best by the configured metric (`BestCheckpoint`),
+                              with model_dir/best/best_metric.json
+Restore a detector for inference with
+`tf.train.Checkpoint(model=detector).restore(path).expect_partial()`.
+
+model_dir/backup holds the fault-tolerance state of tf_keras' BackupAndRestore
+(`EpochAlignedBackupAndRestore`); it exists only while a run is unfinished.
+
+In multi-worker training every worker takes part in every save (a save may
+involve collectives); workers other than the chief write to a private
+directory that is deleted right after (see `distribution.write_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from rfcn_tf.training import distribution
+
+BEST_METRIC_FILE = "best_metric.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+
+
+def log_key(name: str) -> str:
+    """A metric name as a Keras log / TensorBoard tag ("voc07_mAP@0.5" -> "voc07_mAP_0.5")."""
+    return name.replace("@", "_")
+
+
+def global_step(model: tf_keras.Model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+def _diverged(model: tf_keras.Model) -> bool:
+    return bool(getattr(model, "diverged_message", None))
+
+
+class StopOnNaN(tf_keras.callbacks.Callback):
+    """Stops training at the first step whose loss terms are not finite.
+
+    The message (which terms, at which step, with which learning rate, and
+    what to try) is printed, logged, and left in `model.diverged_message`;
+    the checkpoint callbacks then skip saving, so model_dir keeps the last
+    finite weights. `rfcn_tf.train` exits with an error carrying the message.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.model.diverged_message = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        bad = sorted(name for name, value in logs.items()
+                     if name != "learning_rate" and not np.all(np.isfinite(value)))
+        if not bad:
+            return
+        values = ", ".join(f"{name}={float(logs[name])}" for name in bad)
+        lr = logs.get("learning_rate")
+        self.model.diverged_message = (
+            f"training diverged at step {global_step(self.model)} (epoch {self._epoch + 1}, "
+            f"batch {batch + 1}): non-finite loss terms {values}"
+            + (f" at learning rate {float(lr):.6g}" if lr is not None else "")
+            + ". Training stopped; the last checkpoint with finite weights is kept. "
+              "Try a lower train.optimizer.learning_rate, more train.optimizer.warmup_steps, "
+              "gradient clipping (train.optimizer.clip_norm, e.g. 10), or check the data "
+              "for degenerate boxes.")
+        tf.get_logger().error(self.model.diverged_message)
+        print(f"\nERROR: {self.model.diverged_message}", flush=True)
+        self.model.stop_training = True
+
+
+class _Saver:
+    """A CheckpointManager writing `directory` (chief) or a private copy (other workers)."""
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, max_to_keep: int,
+                 strategy: tf.distribute.Strategy):
+        self.directory = directory
+        self._write_dir = distribution.write_dir(directory, strategy)
+        self._manager = tf.train.CheckpointManager(checkpoint, self._write_dir,
+                                                   max_to_keep=max_to_keep)
+
+    def save(self, step: int) -> str:
+        path = self._manager.save(checkpoint_number=step)
+        distribution.remove_write_dir(self._write_dir, self.directory)
+        return os.path.join(self.directory, os.path.basename(path))
+
+
+class LatestCheckpoint(tf_keras.callbacks.Callback):
+    """Writes model_dir/ckpt-<step> at every epoch end, keeping the last `max_to_keep`."""
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, model_dir: str, max_to_keep: int,
+                 strategy: tf.distribute.Strategy):
+        super().__init__()
+        self._saver = _Saver(checkpoint, model_dir, max_to_keep, strategy)
+        self._last_saved_step = None
+        self.last_path: Optional[str] = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _diverged(self.model):
+            return
+        step = global_step(self.model)
+        if step != self._last_saved_step:
+            self.last_path = self._saver.save(step)
+            self._last_saved_step = step
+
+
+class BestCheckpoint(tf_keras.callbacks.Callback):
+    """Writes model_dir/best/ckpt-<step> when `logs['val_' + metric]` beats the best so far.
+
+    The best value lives in best/best_metric.json ({"metric", "value", "step",
+    "checkpoint"}), so a restarted run compares against it instead of
+    starting over. Epochs without that log entry (no evaluation) are skipped;
+    a NaN value never counts as an improvement.
+    """
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, model_dir: str, metric: str,
+                 strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.metric = metric
+        self.directory = os.path.join(model_dir, "best")
+        self._saver = _Saver(checkpoint, self.directory, 1, strategy)
+        self._is_chief = distribution.is_chief(strategy)
+        self.best = read_best_metric(model_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_" + log_key(self.metric))
+        if value is None or _diverged(self.model) or not math.isfinite(float(value)):
+            return
+        if self.best is not None and self.best["metric"] == self.metric and \
+                float(value) <= self.best["value"]:
+            return
+        step = global_step(self.model)
+        path = self._saver.save(step)
+        self.best = {"metric": self.metric, "value": float(value), "step": step,
+                     "checkpoint": path}
+        if self._is_chief:
+            with tf.io.gfile.GFile(os.path.join(self.directory, BEST_METRIC_FILE), "w") as f:
+                json.dump(self.best, f, indent=2)
+
+
+def read_best_metric(model_dir: str) -> Optional[dict]:
+    """The contents of model_dir/best/best_metric.json, or None."""
+    path = os.path.join(model_dir, "best", BEST_METRIC_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
+    """BackupAndRestore saving every `save_freq` steps AND at every epoch end.
+
+    With an integer save_freq, tf_keras backs up only every N batches counted
+    from the start of the run, so a kill right after an epoch end would
+    resume inside the finished epoch and run its epoch end (evaluation,
+    checkpoint) a second time. Backing up at the epoch end as well makes a
+    resumed run start exactly at the next epoch. Nothing is backed up after
+    the run diverged.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not _diverged(self.model):
+            super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _diverged(self.model):
+            self._backup(epoch=epoch, batch=self.params["steps"] - 1)
+
+
+class TrainingLog(tf_keras.callbacks.Callback):
+    """Appends JSON lines to model_dir/train_log.jsonl (chief only).
+
+    {"event": "train_begin", "epoch": <first epoch>, "step": <step>, "time": ...}
+      after any restore, so "step" is where this run starts;
+    {"event": "epoch_end", "epoch": e, "step": <step>, <log name>: value, ...};
+    {"event": "train_end", "step": <step>, "diverged": bool}.
+    Epochs are 0-based, as in Keras.
+    """
+
+    def __init__(self, model_dir: str, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.path = os.path.join(model_dir, TRAIN_LOG_FILE)
+        self._enabled = distribution.is_chief(strategy)
+        self._first_epoch = True
+
+    def _write(self, record: Dict) -> None:
+        if not self._enabled:
+            return
+        record["time"] = time.time()
+        with tf.io.gfile.GFile(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch:
+            self._first_epoch = False
+            self._write({"event": "train_begin", "epoch": epoch,
+                         "step": global_step(self.model)})
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"event": "epoch_end", "epoch": epoch, "step": global_step(self.model)}
+        for name, value in (logs or {}).items():
+            value = float(value)
+            record[name] = value if math.isfinite(value) else None
+        self._write(record)
+
+    def on_train_end(self, logs=None):
+        self._write({"event": "train_end", "step": global_step(self.model),
+                     "diverged": _diverged(self.model)})
+
+
+class PeriodicEvaluation(tf_keras.callbacks.Callback):
+    """Runs `evaluate_fn()` after every `every_epochs` epochs and after the last one.
+
+    `evaluate_fn()` returns (results, samples): results is a flat metric dict
+    (see rfcn_tf.evaluation.report), samples a uint8 [N,H,W,3] batch of images
+    with detections drawn (or None). The summary metrics listed in
+    `log_metrics` go into the epoch's Keras logs as 'val_<log_key(name)>'
+    (seen by the progress bar, TensorBoard and BestCheckpoint, which must come
+    after this callback). All results, per-class ones included, and the
+    images go to TensorBoard under model_dir/logs/eval at the global step.
+    Only the chief writes summaries; every worker evaluates, so all of them
+    agree on the best checkpoint.
+    """
+
+    def __init__(self, evaluate_fn: Callable, every_epochs: int, log_dir: str,
+                 log_metrics, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self._evaluate_fn = evaluate_fn
+        self._every = every_epochs
+        self._log_metrics = list(log_metrics)
+        self._writer = (tf.summary.create_file_writer(os.path.join(log_dir, "eval"))
+                        if distribution.is_chief(strategy) else None)
+        self.last_results: Optional[Dict[str, float]] = None
+        self.last_step: Optional[int] = None
+
+    def _due(self, epoch: int) -> bool:
+        last = epoch + 1 == self.params["epochs"]
+        return last or (self._every > 0 and (epoch + 1) % self._every == 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _diverged(self.model) or not self._due(epoch):
+            return
+        results, samples = self._evaluate_fn()
+        step = global_step(self.model)
+        self.last_results, self.last_step = results, step
+        if logs is not None:
+            for name in self._log_metrics:
+                if name in results:
+                    logs["val_" + log_key(name)] = results[name]
+        if self._writer is None:
+            return
+        # Keras' TensorBoard callback sets a global record_if(step % update_freq == 0).
+        with self._writer.as_default(step=step), tf.summary.record_if(True):
+            for name, value in results.items():
+                if value is not None and math.isfinite(value):
+                    tf.summary.scalar(log_key(name), value)
+            if samples is not None and len(samples):
+                tf.summary.image("detections", samples, max_outputs=len(samples))
+        self._writer.flush()

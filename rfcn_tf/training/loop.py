@@ -1,0 +1,299 @@
+"""The training and evaluation jobs behind `rfcn_tf.train` and `rfcn_tf.evaluate`.
+
+`run_training(config, model_dir, evaluate)`:
+  - builds the strategy, the detector, the optimizer and the input pipeline
+    (batch size per replica, datasets sharded per worker by tf.distribute);
+  - continues from model_dir: the latest model_dir/ckpt-<step> (weights,
+    optimizer slots and step) sets the starting epoch, and an unfinished run's
+    model_dir/backup (BackupAndRestore) resumes mid-epoch; a finished run is
+    not trained again;
+  - runs `Model.fit` for train.steps updates in epochs of
+    train.steps_per_epoch, with the callbacks of `rfcn_tf.training.callbacks`
+    and TensorBoard under model_dir/logs;
+  - with `evaluate`, scores the eval split every train.eval_every_epochs
+    epochs and at the end, keeps model_dir/best, and writes
+    model_dir/eval_results.json.
+`evaluate_checkpoint(config, checkpoint)` scores one checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+import tf_keras
+
+from rfcn_tf import configs
+from rfcn_tf.evaluation import report
+from rfcn_tf.modeling.rfcn_model import dummy_inputs
+from rfcn_tf.training import callbacks as callbacks_lib
+from rfcn_tf.training import distribution
+from rfcn_tf.training import eval_loop
+from rfcn_tf.training import optimizer as optimizer_lib
+from rfcn_tf.training.trainer import DetectionTrainer
+
+LOSS_TERMS = ("rpn_score_loss", "rpn_box_loss", "rfcn_class_loss", "rfcn_box_loss")
+# Summary metrics shown in the progress bar and Keras logs ("val_<name>").
+LOGGED_METRICS = ("voc07_mAP@{iou:g}", "voc_mAP@{iou:g}", "AP", "AP50", "AP75", "APs", "APm",
+                  "APl")
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+@dataclasses.dataclass
+class TrainingSummary:
+    """What a training job did and wrote."""
+
+    model_dir: str
+    start_step: int
+    final_step: int
+    seconds: float
+    latest_checkpoint: Optional[str]
+    final_logs: Optional[Dict[str, float]]
+    best: Optional[dict]
+    eval_results: Optional[Dict[str, float]]
+    eval_results_path: Optional[str]
+    written: List[str]
+
+
+# ------------------------------------------------------------- building ----
+
+
+def _build_model(model_config: configs.ModelConfig, load_pretrained: bool = True
+                 ) -> tf_keras.Model:
+    """The detector with all its variables created (rfcn_tf.modeling.builder)."""
+    from rfcn_tf.modeling.builder import build_model  # pylint: disable=import-outside-toplevel
+    return build_model(model_config, load_pretrained=load_pretrained)
+
+
+def _build_dataset(data_config: configs.DataConfig, batch_size: int, input_context=None):
+    from rfcn_tf.data.input_pipeline import build_dataset  # pylint: disable=import-outside-toplevel
+    return build_dataset(data_config, batch_size, input_context=input_context)
+
+
+def class_names_of(data_config: configs.DataConfig, num_classes: int, key: str) -> List[str]:
+    """Names of classes 1..C of a split's label map (see rfcn_tf.data.sources).
+
+    Raises ConfigError when the label map does not have model.num_classes classes.
+    """
+    from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
+    label_map = sources.open_source(data_config).label_map
+    names = label_map.names
+    if len(names) != num_classes:
+        raise configs.ConfigError(
+            f"model.num_classes is {num_classes} but the {key} label map has {len(names)} "
+            f"classes {names}; set model.num_classes={len(names)} or {key}.class_names")
+    return [name or f"class_{i}" for i, name in enumerate(names, start=1)]
+
+
+def logged_metric_names(iou_threshold: float) -> List[str]:
+    return [name.format(iou=iou_threshold) for name in LOGGED_METRICS]
+
+
+def make_evaluator(config: configs.ExperimentConfig, trainer: DetectionTrainer,
+                   report_losses: bool = True):
+    """A no-argument function running one evaluation of `trainer`'s detector.
+
+    Returns (EvalOutput.results, EvalOutput.samples). It runs on the local
+    device, outside the strategy's replicas.
+    """
+    eval_config = config.eval
+    dataset = _build_dataset(config.eval_data, eval_config.batch_size)
+    detect = tf.function(lambda batch: trainer.evaluation_outputs(batch, report_losses))
+    metrics = eval_loop.build_metrics(eval_config.metrics,
+                                      class_names_of(config.eval_data, config.model.num_classes,
+                                                     "eval_data"),
+                                      eval_config.iou_threshold,
+                                      config.model.detection.max_detections)
+
+    def evaluate():
+        output = eval_loop.run_evaluation(
+            detect, dataset, metrics, batch_size=eval_config.batch_size,
+            max_images=eval_config.max_images, num_samples=eval_config.num_sample_images,
+            sample_score_threshold=eval_config.sample_score_threshold,
+            show_progress=config.train.verbose == 1)
+        return output.results, output.samples
+    return evaluate
+
+
+# -------------------------------------------------------------- restore ----
+
+
+def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[str]:
+    """Restores model_dir's latest ckpt-<step> into `checkpoint` (built objects); returns its path."""
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest is None:
+        return None
+    status = checkpoint.restore(latest)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(
+            f"the checkpoint {latest} does not match the configured model (was model_dir "
+            f"written with a different model config?); use a new --model_dir. Details: {e}"
+        ) from e
+    return latest
+
+
+def _check_model_config(config: configs.ExperimentConfig, model_dir: str) -> None:
+    """Refuses to continue a model_dir whose saved config has a different model section."""
+    path = os.path.join(model_dir, "config.yaml")
+    if not tf.io.gfile.exists(path):
+        return
+    saved = configs.load_config(path)
+    if saved.model != config.model:
+        changed = [k for k, v in configs.to_dict(config.model).items()
+                   if configs.to_dict(saved.model).get(k) != v]
+        raise configs.ConfigError(
+            f"model_dir {model_dir} holds a run of a different model (model.{', model.'.join(changed)} "
+            f"differ from {path}); use a new --model_dir or the same model settings")
+
+
+# ------------------------------------------------------------- training ----
+
+
+def run_training(config: configs.ExperimentConfig, model_dir: str,
+                 evaluate: bool) -> TrainingSummary:
+    """Trains (and optionally evaluates) `config` in `model_dir`; see the module docstring."""
+    started = time.time()
+    train = config.train
+    optimizer_lib.set_precision_policy(train.mixed_precision)
+    tf_keras.utils.set_random_seed(train.seed)
+    strategy = distribution.build_strategy(train.distribution)
+    chief = distribution.is_chief(strategy)
+    tf.io.gfile.makedirs(model_dir)
+    _check_model_config(config, model_dir)
+    if chief:
+        configs.save_config(config, os.path.join(model_dir, "config.yaml"))
+
+    class_names_of(config.train_data, config.model.num_classes, "train_data")
+    total_epochs = train.steps // train.steps_per_epoch
+    with strategy.scope():
+        detector = _build_model(config.model)
+        trainer = DetectionTrainer(detector, LOSS_TERMS, train.optimizer.weight_decay)
+        optimizer = optimizer_lib.build_optimizer(train.optimizer, train.steps,
+                                                  train.mixed_precision)
+        trainer(dummy_inputs(), training=False)  # builds the wrapper (BackupAndRestore needs it)
+        trainer.compile(optimizer=optimizer)
+        optimizer.build(detector.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=detector, optimizer=optimizer)
+    restored = restore_latest(checkpoint, model_dir)
+    start_step = int(optimizer.iterations.numpy())
+    trainer._train_counter.assign(start_step)  # TensorBoard's batch step continues too.
+    initial_epoch = start_step // train.steps_per_epoch
+
+    train_input = tf_keras.utils.experimental.DatasetCreator(
+        lambda context: _build_dataset(config.train_data, train.batch_size, context))
+
+    latest_cb = callbacks_lib.LatestCheckpoint(checkpoint, model_dir,
+                                               train.max_checkpoints_to_keep, strategy)
+    cbs: List[tf_keras.callbacks.Callback] = [
+        callbacks_lib.StopOnNaN(),
+        callbacks_lib.EpochAlignedBackupAndRestore(
+            os.path.join(model_dir, "backup"),
+            save_freq=min(train.checkpoint_every_steps, train.steps_per_epoch)),
+        callbacks_lib.TrainingLog(model_dir, strategy),
+    ]
+    eval_cb, evaluator = None, None
+    if evaluate:
+        evaluator = make_evaluator(config, trainer)
+        eval_cb = callbacks_lib.PeriodicEvaluation(
+            evaluator, train.eval_every_epochs,
+            os.path.join(model_dir, "logs"), logged_metric_names(config.eval.iou_threshold),
+            strategy)
+        cbs.append(eval_cb)
+    best_cb = callbacks_lib.BestCheckpoint(checkpoint, model_dir, config.eval.best_metric,
+                                           strategy) if evaluate else None
+    cbs += [latest_cb] + ([best_cb] if best_cb else []) + [
+        tf_keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
+                                       update_freq=train.summary_every_steps,
+                                       write_graph=False, profile_batch=0)]
+
+    final_logs = None
+    unfinished = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
+    if initial_epoch >= total_epochs and not unfinished:
+        print(f"model_dir {model_dir} is already trained to step {start_step} "
+              f"(train.steps={train.steps}); nothing to train.", flush=True)
+    else:
+        if restored:
+            print(f"Continuing from {restored} (step {start_step}, epoch {initial_epoch + 1} "
+                  f"of {total_epochs}).", flush=True)
+        history = trainer.fit(train_input, epochs=total_epochs, initial_epoch=initial_epoch,
+                              steps_per_epoch=train.steps_per_epoch, callbacks=cbs,
+                              verbose=train.verbose)
+        final_logs = {name: float(values[-1]) for name, values in history.history.items()
+                      if values}
+        if getattr(trainer, "diverged_message", None):
+            raise TrainingDivergedError(trainer.diverged_message)
+
+    eval_results, eval_path = None, None
+    if evaluate:
+        if eval_cb.last_results is None:  # nothing trained in this run: evaluate once
+            eval_results, _ = evaluator()
+        else:
+            eval_results = eval_cb.last_results
+        if chief:
+            eval_path = report.write_eval_results(
+                eval_results, os.path.join(model_dir, EVAL_RESULTS_FILE))
+    latest = tf.train.latest_checkpoint(model_dir)
+    written = [p for p in [os.path.join(model_dir, "config.yaml"), latest,
+                           os.path.join(model_dir, "best"), os.path.join(model_dir, "logs"),
+                           os.path.join(model_dir, callbacks_lib.TRAIN_LOG_FILE), eval_path]
+               if p and tf.io.gfile.exists(p if not p == latest else p + ".index")]
+    return TrainingSummary(
+        model_dir=model_dir, start_step=start_step, final_step=int(optimizer.iterations.numpy()),
+        seconds=time.time() - started, latest_checkpoint=latest, final_logs=final_logs,
+        best=callbacks_lib.read_best_metric(model_dir), eval_results=eval_results,
+        eval_results_path=eval_path, written=written)
+
+
+# ----------------------------------------------------------- evaluation ----
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a prefix or a directory (its latest checkpoint)."""
+    if tf.io.gfile.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint found in directory {path}")
+        return latest
+    if not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(f"checkpoint {path} not found (no {path}.index)")
+    return path
+
+
+def restore_detector(model_config: configs.ModelConfig, checkpoint_path: str) -> tf_keras.Model:
+    """A detector built from `model_config` with the weights of a training checkpoint."""
+    detector = _build_model(model_config, load_pretrained=False)
+    status = tf.train.Checkpoint(model=detector).restore(checkpoint_path)
+    try:
+        status.expect_partial().assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(f"checkpoint {checkpoint_path} does not match the configured model: {e}"
+                         ) from e
+    return detector
+
+
+def evaluate_checkpoint(config: configs.ExperimentConfig, checkpoint_path: str,
+                        keep_detections: bool = False, report_losses: bool = True,
+                        show_progress: bool = True) -> eval_loop.EvalOutput:
+    """Scores the detector of `checkpoint_path` on config.eval_data."""
+    detector = restore_detector(config.model, checkpoint_path)
+    trainer = DetectionTrainer(detector, LOSS_TERMS, config.train.optimizer.weight_decay)
+    detect = tf.function(lambda batch: trainer.evaluation_outputs(batch, report_losses))
+    metrics = eval_loop.build_metrics(config.eval.metrics,
+                                      class_names_of(config.eval_data, config.model.num_classes,
+                                                     "eval_data"),
+                                      config.eval.iou_threshold,
+                                      config.model.detection.max_detections)
+    dataset = _build_dataset(config.eval_data, config.eval.batch_size)
+    return eval_loop.run_evaluation(detect, dataset, metrics, batch_size=config.eval.batch_size,
+                                    max_images=config.eval.max_images,
+                                    keep_detections=keep_detections,
+                                    show_progress=show_progress)

@@ -1,0 +1,110 @@
+"""`DetectionTrainer`: the detector wrapped for `Model.fit` and `Model.evaluate`.
+
+A batch is the input pipeline's dict (`rfcn_tf.data.input_pipeline`):
+images [B,Hp,Wp,3] float32, image_info [B,4,2], gt_boxes [B,M,4] (absolute
+pixels, ymin/xmin/ymax/xmax in the resized image), gt_classes [B,M] (1-based,
+-1 padding), plus evaluation keys that training ignores.
+
+`train_step` reports, as running means over the epoch (Keras resets them at
+each epoch start):
+  each loss term of the detector (rpn_score_loss, rpn_box_loss,
+  rfcn_class_loss, rfcn_box_loss, unweighted); model_loss, the detector's
+  weighted sum of them (model.loss weights); l2_loss = 0.5 * weight_decay *
+  sum ||w||^2 over the kernels; loss = model_loss + l2_loss (what is
+  minimised);
+and learning_rate, the rate the step just used.
+`test_step` reports the same terms (without learning_rate) with the
+detector in inference mode (frozen batch norm, no dropout).
+
+Distribution: each replica's loss is divided by the number of replicas and
+the optimizer sums gradients over replicas, so the update is the gradient of
+the mean loss over the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import tensorflow as tf
+import tf_keras
+
+from rfcn_tf.training import optimizer as optimizer_lib
+
+TRAIN_KEYS = ("images", "image_info", "gt_boxes", "gt_classes")
+
+
+class DetectionTrainer(tf_keras.Model):
+    """Trains `detector` with the loss terms it computes plus L2 weight decay."""
+
+    def __init__(self, detector: tf_keras.Model, loss_names: Sequence[str],
+                 weight_decay: float, **kwargs):
+        """Args:
+          detector: the R-FCN model (`rfcn_tf.modeling`):
+            `detector.compute_losses(batch, training)` returns a dict holding
+            every name in `loss_names` and "model_loss" (float32 scalars), and
+            `detector(batch, training=False)` the detection dict.
+          loss_names: the detector's individual loss terms, in display order.
+          weight_decay: L2 coefficient on the kernels
+            (`optimizer.weight_decay_variables`).
+        """
+        super().__init__(**kwargs)
+        self.detector = detector
+        self.loss_names = list(loss_names)
+        self.weight_decay = float(weight_decay)
+        names = self.loss_names + ["model_loss", "l2_loss", "loss"]
+        self._trackers = {name: tf_keras.metrics.Mean(name=name) for name in names}
+
+    @property
+    def metrics(self) -> List[tf_keras.metrics.Metric]:
+        return list(self._trackers.values())
+
+    def call(self, inputs, training=False):
+        return self.detector(inputs, training=training)
+
+    def decayed_variables(self) -> List[tf.Variable]:
+        return optimizer_lib.weight_decay_variables(self.detector)
+
+    def compute_all_losses(self, batch: Dict[str, tf.Tensor], training: bool
+                           ) -> Dict[str, tf.Tensor]:
+        """The detector's loss terms plus model_loss, l2_loss and loss (float32 scalars)."""
+        terms = self.detector.compute_losses({k: batch[k] for k in TRAIN_KEYS}, training=training)
+        missing = [name for name in self.loss_names + ["model_loss"] if name not in terms]
+        if missing:
+            raise ValueError(f"the detector's compute_losses did not return {missing} "
+                             f"(it returned {sorted(terms)})")
+        losses = {name: tf.cast(terms[name], tf.float32)
+                  for name in self.loss_names + ["model_loss"]}
+        losses["l2_loss"] = optimizer_lib.weight_decay_loss(self.decayed_variables(),
+                                                            self.weight_decay)
+        losses["loss"] = losses["model_loss"] + losses["l2_loss"]
+        return losses
+
+    def _report(self, losses: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        for name, tracker in self._trackers.items():
+            tracker.update_state(losses[name])
+        return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def train_step(self, batch):
+        variables = self.detector.trainable_variables
+        with tf.GradientTape() as tape:
+            losses = self.compute_all_losses(batch, training=True)
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            loss = losses["loss"] / tf.cast(replicas, tf.float32)
+        # minimize() scales the loss and unscales the gradients under a
+        # LossScaleOptimizer (mixed_float16); it sums gradients over replicas
+        # and then applies global-norm clipping when configured.
+        self.optimizer.minimize(loss, variables, tape=tape)
+        logs = self._report(losses)
+        logs["learning_rate"] = optimizer_lib.last_learning_rate(self.optimizer)
+        return logs
+
+    def test_step(self, batch):
+        return self._report(self.compute_all_losses(batch, training=False))
+
+    def evaluation_outputs(self, batch, with_losses: bool) -> Dict[str, tf.Tensor]:
+        """Detections of `batch` in inference mode, plus the loss terms when asked."""
+        outputs = dict(self.detector({k: batch[k] for k in ("images", "image_info")},
+                                     training=False))
+        if with_losses:
+            outputs.update(self.compute_all_losses(batch, training=False))
+        return outputs
