@@ -112,8 +112,12 @@ def write_tfrecords(records: Sequence[ImageRecord], label_map: LabelMap, output_
 def convert_voc(root: str, split: str, output_dir: str, num_shards: int = 4,
                 label_map: Optional[LabelMap] = None, strict: bool = False,
                 show_progress: bool = True) -> ConversionResult:
-    """VOC split -> TFRecords. Without a label map, the dataset's sorted class names."""
-    label_map = label_map or LabelMap.from_names(voc.dataset_class_names(root))
+    """VOC split -> TFRecords. Without a label map: <root>/label_map.pbtxt if present,
+    else the dataset's sorted class names."""
+    if label_map is None:
+        beside = os.path.join(root, LABEL_MAP_FILENAME)
+        label_map = (read_label_map(beside) if os.path.isfile(beside)
+                     else LabelMap.from_names(voc.dataset_class_names(root)))
     records, report = voc.read_voc(root, split, label_map, strict=strict, image_check="header",
                                    report=rpt.DataReport(f"VOC {root} [{split}] -> {output_dir}"))
     return write_tfrecords(records, label_map, output_dir, split, num_shards, report,

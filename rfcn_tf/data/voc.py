@@ -99,6 +99,8 @@ def read_split_ids(root: str, split: str) -> List[str]:
 
 def dataset_class_names(root: str) -> List[str]:
     """Sorted class names over ALL Annotations/*.xml, so every split gets the same ids."""
+    if not os.path.isdir(root):
+        raise DataError(f"VOC dataset root not found: {root}")
     names = set()
     for path in glob.glob(os.path.join(root, ANNOTATIONS, "*.xml")):
         try:

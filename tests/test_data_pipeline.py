@@ -1,0 +1,237 @@
+"""The tf.data pipeline: element format, resizing, normalization, flip alignment,
+multi-scale, determinism, sharding, caching, padding and config errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+import rfcn_tf  # noqa: F401  pylint: disable=unused-import
+import tensorflow as tf
+from data_test_utils import write_voc
+from PIL import Image
+
+from rfcn_tf.configs import DataConfig
+from rfcn_tf.data import input_pipeline, voc
+from rfcn_tf.data.records import DataError
+
+MEAN = np.array([0.485, 0.456, 0.406]) * 255
+STD = np.array([0.229, 0.224, 0.225]) * 255
+COLOUR = np.array([200, 100, 50])
+SIZES = {"s0": (30, 40), "s1": (40, 30), "s2": (20, 100), "s3": (100, 100)}
+MARK_H, MARK_W = 40, 60
+
+
+def _png(path, pixels):
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def sized_voc(tmp_path_factory):
+    """Solid-colour PNGs of several sizes; each has one 'a' box, s3 also a difficult 'b'."""
+    root = str(tmp_path_factory.mktemp("sized"))
+    entries = []
+    for image_id, (h, w) in SIZES.items():
+        objects = [("a", (1, 2, h - 1, w - 2), False)]
+        if image_id == "s3":
+            objects.append(("b", (10, 10, 50, 50), True))
+        entries.append((image_id, image_id + ".png", objects))
+    write_voc(root, entries)
+    for image_id, (h, w) in SIZES.items():
+        _png(os.path.join(root, voc.IMAGES, image_id + ".png"), np.broadcast_to(COLOUR, (h, w, 3)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def marked_voc(tmp_path_factory):
+    """Black PNGs with one red rectangle each at an off-centre box; returns (root, boxes)."""
+    root = str(tmp_path_factory.mktemp("marked"))
+    rng = np.random.default_rng(0)
+    boxes, entries = {}, []
+    for i in range(6):
+        ymin, xmin = int(rng.integers(2, 15)), int(rng.integers(2, 20))
+        box = (ymin, xmin, ymin + int(rng.integers(8, 20)), xmin + int(rng.integers(6, 25)))
+        boxes[i] = np.array(box, np.float64)
+        entries.append((f"m{i}", f"m{i}.png", [("red", box, False)]))
+        pixels = np.zeros((MARK_H, MARK_W, 3), np.uint8)
+        pixels[box[0]:box[2], box[1]:box[3]] = (255, 0, 0)
+        os.makedirs(os.path.join(root, voc.IMAGES), exist_ok=True)
+        _png(os.path.join(root, voc.IMAGES, f"m{i}.png"), pixels)
+    write_voc(root, entries, size=(MARK_H, MARK_W))
+    return root, boxes
+
+
+def _config(root, **overrides):
+    fields = dict(format="voc", path=root, split="trainval", is_training=False, short_side=60,
+                  max_side=100, class_names=["a", "b"])
+    fields.update(overrides)
+    return DataConfig(**fields)
+
+
+def _elements(dataset, limit=None):
+    out = []
+    for batch in dataset:
+        for i in range(batch["images"].shape[0]):
+            out.append({k: v[i].numpy() for k, v in batch.items()})
+            if limit and len(out) == limit:
+                return out
+    return out
+
+
+def test_element_spec(sized_voc):
+    spec = input_pipeline.build_dataset(_config(sized_voc, max_boxes=7), 2).element_spec
+    assert spec == {
+        "images": tf.TensorSpec([None, None, None, 3], tf.float32),
+        "image_info": tf.TensorSpec([None, 4, 2], tf.float32),
+        "gt_boxes": tf.TensorSpec([None, 7, 4], tf.float32),
+        "gt_classes": tf.TensorSpec([None, 7], tf.int32),
+        "gt_difficult": tf.TensorSpec([None, 7], tf.bool),
+        "gt_is_crowd": tf.TensorSpec([None, 7], tf.bool),
+        "source_id": tf.TensorSpec([None], tf.int64),
+    }
+    train = input_pipeline.build_dataset(_config(sized_voc, is_training=True,
+                                                 include_filename=True), 2).element_spec
+    assert train["images"].shape.as_list() == [2, None, None, 3]  # static batch in training
+    assert train["filename"] == tf.TensorSpec([2], tf.string)
+
+
+def test_resize_rule_image_info_normalization_and_padding(sized_voc):
+    # short side 60 unless the long side would pass 100; padded to multiples of 16.
+    expected_scaled = {"s0": (60, 80), "s1": (80, 60), "s2": (20, 100), "s3": (60, 60)}
+    elements = _elements(input_pipeline.build_dataset(_config(sized_voc), 1))
+    assert len(elements) == 4
+    ids = voc.read_split_ids(sized_voc, "trainval")
+    for e in elements:
+        image_id = ids[e["source_id"]]
+        (h, w), (sh, sw) = SIZES[image_id], expected_scaled[image_id]
+        np.testing.assert_allclose(e["image_info"], [[h, w], [sh, sw], [sh / h, sw / w], [0, 0]],
+                                   rtol=1e-6)
+        assert e["images"].shape == (-(-sh // 16) * 16, -(-sw // 16) * 16, 3)
+        np.testing.assert_allclose(e["images"][:sh, :sw], np.broadcast_to(
+            (COLOUR - MEAN) / STD, (sh, sw, 3)), atol=1e-4)
+        assert not e["images"][sh:].any() and not e["images"][:, sw:].any()
+        np.testing.assert_allclose(e["gt_boxes"][0], [1 * sh / h, 2 * sw / w, (h - 1) * sh / h,
+                                                      (w - 2) * sw / w], rtol=1e-5)
+
+
+def test_batch_padding_is_the_batch_maximum(sized_voc):
+    batch = next(iter(input_pipeline.build_dataset(_config(sized_voc), 4)))
+    scaled = batch["image_info"][:, 1].numpy()
+    assert batch["images"].shape[1:3] == tuple(int(-(-s // 16) * 16) for s in scaled.max(0))
+
+
+def test_fixed_padded_size_scales_images_to_fit(sized_voc):
+    cfg = _config(sized_voc, padded_size=[64, 64])
+    elements = _elements(input_pipeline.build_dataset(cfg, 4))
+    for e in elements:
+        assert e["images"].shape == (64, 64, 3)
+        assert e["image_info"][1].max() <= 64
+    s2 = [e for e in elements if e["image_info"][0].tolist() == [20, 100]][0]
+    np.testing.assert_allclose(s2["image_info"][1], [13, 64])  # round(20 * 0.64), 100 * 0.64
+
+
+def test_difficult_dropped_in_training_unless_asked(sized_voc):
+    def classes_of_s3(**kw):
+        cfg = _config(sized_voc, is_training=True, random_flip=False, deterministic=True, **kw)
+        for e in _elements(input_pipeline.build_dataset(cfg, 1), limit=8):
+            if e["image_info"][0].tolist() == [100, 100]:
+                return e["gt_classes"][:3].tolist(), e["gt_difficult"][:3].tolist()
+        raise AssertionError("s3 not seen")
+    assert classes_of_s3() == ([1, -1, -1], [False, False, False])
+    assert classes_of_s3(use_difficult=True) == ([1, 2, -1], [False, True, False])
+
+
+def test_flipped_boxes_cover_the_flipped_pixels(marked_voc):
+    root, boxes = marked_voc
+    cfg = _config(root, is_training=True, random_flip=True, multiscale_short_sides=[40, 60, 80],
+                  max_side=200, class_names=["red"], shuffle_buffer=6, deterministic=True, seed=1)
+    flipped = unflipped = 0
+    short_sides = set()
+    for e in _elements(input_pipeline.build_dataset(cfg, 2), limit=30):
+        (sh, sw), (ys, xs) = e["image_info"][1], e["image_info"][2]
+        short_sides.add(int(sh))
+        pixels = e["images"][:int(sh), :int(sw)] * STD + MEAN
+        red = (pixels[..., 0] > 128) & (pixels[..., 1] < 100)
+        rows, cols = np.nonzero(red)
+        painted = [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]
+        gt = e["gt_boxes"][0]
+        np.testing.assert_allclose(gt, painted, atol=1.0)  # box covers the (flipped) pixels
+        assert (e["gt_classes"][1:] == -1).all()
+        ymin, xmin, ymax, xmax = boxes[int(e["source_id"])]
+        if np.allclose(gt, [ymin * ys, (MARK_W - xmax) * xs, ymax * ys, (MARK_W - xmin) * xs],
+                       atol=1e-3):
+            flipped += 1
+        else:
+            np.testing.assert_allclose(gt, [ymin * ys, xmin * xs, ymax * ys, xmax * xs], atol=1e-3)
+            unflipped += 1
+    assert flipped >= 5 and unflipped >= 5
+    assert short_sides == {40, 60, 80}  # multi-scale draws every listed short side
+
+
+def test_deterministic_mode_repeats_exactly(marked_voc):
+    root, _ = marked_voc
+    cfg = _config(root, is_training=True, multiscale_short_sides=[40, 80], max_side=200,
+                  class_names=["red"], deterministic=True, seed=5, num_parallel_calls=2)
+    runs = [_elements(input_pipeline.build_dataset(cfg, 2), limit=8) for _ in range(2)]
+    other = _elements(input_pipeline.build_dataset(
+        _config(root, is_training=True, multiscale_short_sides=[40, 80], max_side=200,
+                class_names=["red"], deterministic=True, seed=6), 2), limit=8)
+    for a, b in zip(*runs):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert any(not np.array_equal(a["gt_boxes"], c["gt_boxes"]) for a, c in zip(runs[0], other))
+
+
+def test_sharding_by_input_context(marked_voc):
+    root, _ = marked_voc
+    cfg = _config(root, class_names=["red"])
+    seen = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2,
+                                             input_pipeline_id=pipeline_id,
+                                             num_replicas_in_sync=2)
+        seen.append({int(e["source_id"]) for e in
+                     _elements(input_pipeline.build_dataset(cfg, 2, context))})
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(6))
+    assert len(seen[0]) == len(seen[1]) == 3
+
+
+def test_cache_gives_the_same_elements(marked_voc):
+    root, _ = marked_voc
+    plain = _elements(input_pipeline.build_dataset(
+        _config(root, class_names=["red"], deterministic=True), 3))
+    dataset = input_pipeline.build_dataset(_config(root, class_names=["red"], cache=True,
+                                                   deterministic=True), 3)
+    for _ in range(2):  # first pass fills the cache, second reads it
+        cached = _elements(dataset)
+        assert len(cached) == len(plain) == 6
+        for a, b in zip(plain, cached):
+            np.testing.assert_array_equal(a["images"], b["images"])
+            np.testing.assert_array_equal(a["gt_boxes"], b["gt_boxes"])
+
+
+def test_max_boxes_cuts_extra_boxes(tmp_path):
+    root = str(tmp_path)
+    write_voc(root, [("many", "many.png", [("a", (i, i, i + 5, i + 5), False)
+                                           for i in range(5)])], size=(20, 20))
+    _png(os.path.join(root, voc.IMAGES, "many.png"), np.zeros((20, 20, 3)))
+    (e,) = _elements(input_pipeline.build_dataset(_config(root, short_side=20, max_side=20,
+                                                          max_boxes=3), 1))
+    np.testing.assert_allclose(e["gt_boxes"], [[i, i, i + 5, i + 5] for i in range(3)])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(format="yolo"), "'format'"),
+    (dict(path=""), "'path'"),
+    (dict(path="/nonexistent/voc"), "/nonexistent/voc"),
+    (dict(split="nosuchsplit"), "nosuchsplit"),
+    (dict(padded_size=[60, 64]), "'padded_size'"),
+    (dict(image_check="paranoid"), "'image_check'"),
+    (dict(format="tfrecord", path="/nonexistent/*.tfrecord"), "no TFRecord files"),
+    (dict(format="coco", annotation_file=""), "'annotation_file'"),
+])
+def test_bad_configs_name_the_problem(sized_voc, overrides, message):
+    fields = dict(path=sized_voc)
+    fields.update(overrides)
+    with pytest.raises(DataError, match=message):
+        input_pipeline.build_dataset(_config(fields.pop("path"), **fields), 1)
