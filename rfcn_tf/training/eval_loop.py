@@ -178,6 +178,50 @@ def run_evaluation(detect_fn: Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tens
     return EvalOutput(results, detection_batches, sample_images)
 
 
+def run_image_evaluation(serve_fn: Callable[[tf.Tensor], Dict[str, tf.Tensor]], records,
+                         metrics: list, *, max_images: int = 0, keep_detections: bool = False,
+                         show_progress: bool = True) -> EvalOutput:
+    """Scores an exported detector image by image, from the original files.
+
+    serve_fn: uint8 [1, H, W, 3] -> the TF OD API outputs (a SavedModel's
+      serving_default). records: `rfcn_tf.data.records.ImageRecord`s (image
+      file or bytes, boxes normalised to the image); ground truth is taken in
+      original-image pixels, with the difficult and crowd flags.
+    """
+    for metric in metrics:
+        metric.reset_state()
+    records = list(records)[:max_images] if max_images > 0 else list(records)
+    if not records:
+        raise ValueError("the evaluation split has no images")
+    detection_batches = []
+    for record in tqdm(records, desc="evaluating", unit="image", disable=not show_progress,
+                       leave=False):
+        encoded = record.encoded if record.encoded is not None else tf.io.read_file(
+            record.image_path)
+        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        outputs = {k: v.numpy() for k, v in serve_fn(image[None]).items()}
+        height, width = int(image.shape[0]), int(image.shape[1])
+        scale = np.array([height, width, height, width], np.float64)
+        groundtruths = {
+            "source_id": np.array([record.source_id]),
+            "gt_boxes": (record.boxes.astype(np.float64) * scale)[None],
+            "gt_classes": record.classes.astype(np.int64)[None],
+            "gt_difficult": record.difficult[None], "gt_is_crowd": record.is_crowd[None],
+            "image_size": np.array([[height, width]]),
+        }
+        image_info = np.array([[[height, width], [height, width], [1.0, 1.0], [0.0, 0.0]]])
+        detections = detections_in_pixels(outputs, image_info)
+        for metric in metrics:
+            metric.update_state(groundtruths, detections)
+        if keep_detections:
+            detection_batches.append({"source_id": groundtruths["source_id"], **detections})
+    results: Dict[str, float] = {}
+    for metric in metrics:
+        results.update(metric.result())
+    results["num_images"] = float(len(records))
+    return EvalOutput(results, detection_batches, None)
+
+
 def _stack_samples(samples: List[np.ndarray], limit: int) -> np.ndarray:
     """Pads the drawn batches to one size and keeps the first `limit` images."""
     height = max(s.shape[1] for s in samples)

@@ -1,0 +1,130 @@
+r"""Evaluate a checkpoint or an exported SavedModel: `python -m rfcn_tf.evaluate`.
+
+  python -m rfcn_tf.evaluate --checkpoint=runs/x            # latest ckpt-<step> of runs/x
+  python -m rfcn_tf.evaluate --checkpoint=runs/x/best/ckpt-1200
+  python -m rfcn_tf.evaluate --saved_model=runs/x/export/1200 \
+      [--coco_detections_file=runs/x/detections.json]
+
+The config is --config_file, else the training run's config.yaml (found next to
+the checkpoint, one level up for model_dir/best, or two levels up for
+model_dir/export/<version>), with --params_override applied; eval_data, eval
+and model settings are used. Prints a per-class table and the summary metrics,
+writes <output_dir>/eval_results.json (output_dir defaults to the checkpoint's
+directory, or to the SavedModel's parent directory), and with
+--coco_detections_file also the detections in the COCO results format
+(category ids are the dataset's COCO ids for COCO data, else the label-map ids).
+
+A checkpoint is evaluated through the input pipeline in batches of
+eval.batch_size, and also reports the validation loss terms. A SavedModel is
+fed the original images one at a time (its serving signature resizes them);
+it needs eval_data in voc, coco or synthetic format.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
+import tensorflow as tf
+from absl import app, flags, logging
+
+from rfcn_tf import configs
+from rfcn_tf.data.records import DataError
+from rfcn_tf.evaluation import report
+from rfcn_tf.training import eval_loop, experiment, loop
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Checkpoint prefix, or a directory (its latest).")
+flags.DEFINE_string("saved_model", None, "Exported SavedModel directory (instead of --checkpoint).")
+flags.DEFINE_string("config_file", None, "Experiment YAML (default: the run's config.yaml).")
+flags.DEFINE_string("params_override", "", 'Overrides, "a.b=1,c.d=x".')
+flags.DEFINE_string("output_dir", None, "Where eval_results.json goes (see above).")
+flags.DEFINE_string("coco_detections_file", None, "Also write detections here (COCO results).")
+
+
+def find_run_config(path: str) -> Optional[str]:
+    """The config.yaml of the training run that `path` (checkpoint, dir or export) belongs to."""
+    path = os.path.abspath(path)
+    start = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
+    for directory in (start, os.path.dirname(start), os.path.dirname(os.path.dirname(start))):
+        candidate = os.path.join(directory, "config.yaml")
+        if tf.io.gfile.exists(candidate):
+            return candidate
+    return None
+
+
+def _coco_category_map(config: configs.ExperimentConfig):
+    """label-map id -> COCO category id for COCO eval data, else None (ids written as is)."""
+    if config.eval_data.format != "coco":
+        return None
+    from rfcn_tf.data import coco, sources  # pylint: disable=import-outside-toplevel
+    label_map = sources.open_source(config.eval_data).label_map
+    return coco.category_ids(coco.load_json(config.eval_data.annotation_file), label_map)
+
+
+def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
+                         keep_detections: bool) -> eval_loop.EvalOutput:
+    from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
+    if config.eval_data.format == "tfrecord":
+        raise configs.ConfigError("evaluating a SavedModel reads the original images; eval_data "
+                                  "must be in voc, coco or synthetic format, not tfrecord "
+                                  "(evaluate the checkpoint instead)")
+    loaded = tf.saved_model.load(saved_model)
+    if "serving_default" not in loaded.signatures:
+        raise configs.ConfigError(f"SavedModel {saved_model} has no 'serving_default' signature "
+                                  f"(has {list(loaded.signatures)})")
+    serve = loaded.signatures["serving_default"]
+    source = sources.open_source(config.eval_data)
+    names = [n or f"class_{i}" for i, n in enumerate(source.label_map.names, start=1)]
+    metrics = eval_loop.build_metrics(config.eval.metrics, names, config.eval.iou_threshold,
+                                      config.model.detection.max_detections)
+    input_name = list(serve.structured_input_signature[1])[0]
+    return eval_loop.run_image_evaluation(lambda images: serve(**{input_name: images}),
+                                          source.records, metrics,
+                                          max_images=config.eval.max_images,
+                                          keep_detections=keep_detections)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(FLAGS.checkpoint) == bool(FLAGS.saved_model):
+        raise app.UsageError("give exactly one of --checkpoint and --saved_model")
+    target = FLAGS.checkpoint or FLAGS.saved_model
+    try:
+        config_file = FLAGS.config_file or find_run_config(target)
+        if config_file is None:
+            raise configs.ConfigError(f"no config.yaml found for {target}; pass --config_file")
+        config = configs.load_config(config_file, FLAGS.params_override)
+        experiment.validate_experiment(config, "eval")
+        keep = bool(FLAGS.coco_detections_file)
+        if FLAGS.checkpoint:
+            checkpoint = loop.resolve_checkpoint(FLAGS.checkpoint)
+            output = loop.evaluate_checkpoint(config, checkpoint, keep_detections=keep)
+            evaluated = checkpoint
+            output_dir = FLAGS.output_dir or os.path.dirname(checkpoint)
+        else:
+            output = evaluate_saved_model(config, FLAGS.saved_model, keep)
+            evaluated = FLAGS.saved_model
+            output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(FLAGS.saved_model))
+    except (configs.ConfigError, DataError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(f"rfcn_tf.evaluate: error: {e}")
+    written = [report.write_eval_results(output.results,
+                                         os.path.join(output_dir, loop.EVAL_RESULTS_FILE))]
+    if keep:
+        count = report.write_coco_detections(output.detection_batches, FLAGS.coco_detections_file,
+                                             label_map=_coco_category_map(config))
+        written.append(f"{FLAGS.coco_detections_file} ({count} detections, COCO results format)")
+    print(f"\nMetrics of {evaluated} on {config.eval_data.format} {config.eval_data.split} "
+          f"({int(output.results['num_images'])} images):")
+    print(report.format_table(output.results))
+    print("\nWrote")
+    for line in written:
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Deployment: SavedModel export (TF OD API signature)."""
