@@ -20,7 +20,7 @@
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/platform/threadpool.h"
+#include "tensorflow/core/util/work_sharder.h"
 
 #if GOOGLE_CUDA
 #include "psroi_pool_launch.h"
@@ -151,13 +151,6 @@ absl::Status RoiError(int64_t index, RoiStatus status, const float* row, int64_t
 float ToFloat(float v) { return v; }
 float ToFloat(Eigen::half v) { return static_cast<float>(v); }
 
-struct FloatLoader {
-  template <typename T>
-  float operator()(T v) const {
-    return ToFloat(v);
-  }
-};
-
 // Per-RoI quantities computed once per op call: image index and the k row and
 // k column intervals of the bins.
 class RoiBinTable {
@@ -205,8 +198,63 @@ class RoiBinTable {
   int64_t total_area_ = 0;
 };
 
-// Approximate CPU cycles of one element operation, for the thread-pool cost model.
-constexpr int64_t kCyclesPerPixel = 4;
+// Approximate CPU cycles per element touched, for the thread-pool cost model.
+constexpr int64_t kCyclesPerElement = 2;
+// Channels processed together by the pooling and scattering loops (stack scratch).
+constexpr int kDepthChunk = 64;
+
+// The CPU kernels work on a float copy of the score maps (or of their
+// gradient) in "bin-major" layout [N, k*k, H, W, D]: element (n, b, h, w, d)
+// is NHWC channel d * k*k + b. A bin (i, j) of a RoI then reads or writes D
+// contiguous floats per pixel instead of D floats k*k channels apart, which
+// turns the cache-missing strided accesses of the pooling and scattering into
+// vectorisable contiguous ones; the two layout conversions stream through
+// memory once. The float copy also gives half inputs float arithmetic.
+class BinMajorLayout {
+ public:
+  explicit BinMajorLayout(const PoolingDims& dims)
+      : bins_(static_cast<int64_t>(dims.group_size) * dims.group_size),
+        pixels_(static_cast<int64_t>(dims.height) * dims.width),
+        depth_(dims.depth),
+        channels_(dims.channels) {}
+
+  // Offset of plane (n, b), the [H, W, D] block of one image and bin.
+  int64_t Plane(int64_t n, int64_t b) const { return (n * bins_ + b) * pixels_ * depth_; }
+  int64_t PlaneSize() const { return pixels_ * depth_; }
+  int64_t NumPixels(int64_t num_images) const { return num_images * pixels_; }
+
+  // Copies NHWC `maps` pixels [begin, end) (flat n * H * W + h * W + w) into `bin_major`.
+  template <typename T>
+  void FromNhwc(const T* maps, int64_t begin, int64_t end, float* bin_major) const {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* src = maps + p * channels_;
+      const int64_t n = p / pixels_, hw = p % pixels_;
+      for (int64_t b = 0; b < bins_; ++b) {
+        float* dst = bin_major + Plane(n, b) + hw * depth_;
+        for (int64_t d = 0; d < depth_; ++d) dst[d] = ToFloat(src[d * bins_ + b]);
+      }
+    }
+  }
+
+  // Copies `bin_major` pixels [begin, end) into NHWC `maps`.
+  template <typename T>
+  void ToNhwc(const float* bin_major, int64_t begin, int64_t end, T* maps) const {
+    for (int64_t p = begin; p < end; ++p) {
+      T* dst = maps + p * channels_;
+      const int64_t n = p / pixels_, hw = p % pixels_;
+      for (int64_t b = 0; b < bins_; ++b) {
+        const float* src = bin_major + Plane(n, b) + hw * depth_;
+        for (int64_t d = 0; d < depth_; ++d) dst[d * bins_ + b] = static_cast<T>(src[d]);
+      }
+    }
+  }
+
+ private:
+  int64_t bins_;
+  int64_t pixels_;
+  int64_t depth_;
+  int64_t channels_;
+};
 
 template <typename T>
 class PsRoiPoolCpuOp : public OpKernel {
@@ -230,29 +278,38 @@ class PsRoiPoolCpuOp : public OpKernel {
     const int64_t num_bins = dims.num_rois * k * k;
     if (num_bins == 0 || dims.depth == 0) return;
 
-    const T* input = score_maps.flat<T>().data();
-    T* output = pooled->flat<T>().data();
+    const BinMajorLayout layout(dims);
+    Tensor bin_major_tensor;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, score_maps.shape(), &bin_major_tensor));
+    float* bin_major = bin_major_tensor.flat<float>().data();
+    const T* maps = score_maps.flat<T>().data();
+    const auto& threads = *ctx->device()->tensorflow_cpu_worker_threads();
+    Shard(threads.num_threads, threads.workers, layout.NumPixels(dims.num_images),
+          kCyclesPerElement * dims.channels, [&](int64_t begin, int64_t end) {
+            layout.FromNhwc(maps, begin, end, bin_major);
+          });
+
     // Each unit is one bin (r, i, j) and writes its D contiguous outputs.
+    T* output = pooled->flat<T>().data();
+    const int64_t bins = static_cast<int64_t>(k) * k;
     auto pool_bins = [&](int64_t begin, int64_t end) {
+      float means[kDepthChunk];
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int j = static_cast<int>(unit % k);
-        const int i = static_cast<int>((unit / k) % k);
-        const int64_t r = unit / (k * k);
-        const T* image = input + table.Batch(r) * dims.ImageSize();
-        const Interval& rows = table.Rows(r, i);
-        const Interval& cols = table.Cols(r, j);
+        const int64_t b = unit % bins;
+        const int64_t r = unit / bins;
+        const Interval& rows = table.Rows(r, static_cast<int>(b / k));
+        const Interval& cols = table.Cols(r, static_cast<int>(b % k));
+        const float* plane = bin_major + layout.Plane(table.Batch(r), b);
         T* out = output + unit * dims.depth;
-        for (int64_t d = 0; d < dims.depth; ++d) {
-          out[d] = static_cast<T>(rfcn_psroi::BinAverage(
-              image, dims.width, dims.channels, rfcn_psroi::ScoreChannel(d, i, j, k), rows,
-              cols, FloatLoader()));
+        for (int64_t d0 = 0; d0 < dims.depth; d0 += kDepthChunk) {
+          const int count = static_cast<int>(std::min<int64_t>(kDepthChunk, dims.depth - d0));
+          rfcn_psroi::BinAverages(plane + d0, dims.width, dims.depth, count, rows, cols, means);
+          for (int t = 0; t < count; ++t) out[d0 + t] = static_cast<T>(means[t]);
         }
       }
     };
-    const int64_t cost_per_bin =
-        dims.depth * kCyclesPerPixel * (1 + table.TotalArea() / num_bins);
-    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(num_bins, cost_per_bin,
-                                                                         pool_bins);
+    const int64_t cost_per_bin = kCyclesPerElement * dims.depth * (1 + table.TotalArea() / num_bins);
+    Shard(threads.num_threads, threads.workers, num_bins, cost_per_bin, pool_bins);
   }
 
  private:
@@ -295,71 +352,61 @@ class PsRoiPoolGradCpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, table.Build(rois.flat<float>().data(), dims));
     Tensor* grad_maps = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, map_shape, &grad_maps));
-    const int64_t num_units = dims.num_images * dims.channels;
     if (map_shape.num_elements() == 0) return;
 
-    // Accumulate in float: directly in the output for float, in a float
-    // workspace converted at the end for half.
-    constexpr bool kIsFloat = std::is_same<T, float>::value;
-    Tensor workspace;
-    if (!kIsFloat) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, map_shape, &workspace));
-    }
-    float* accum = kIsFloat ? reinterpret_cast<float*>(grad_maps->flat<T>().data())
-                            : workspace.flat<float>().data();
-    T* output = grad_maps->flat<T>().data();
+    const BinMajorLayout layout(dims);
+    Tensor bin_major_tensor;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, map_shape, &bin_major_tensor));
+    float* bin_major = bin_major_tensor.flat<float>().data();
     const T* grad = grad_pooled.flat<T>().data();
     RoisByImage by_image;
     by_image.Build(table, dims.num_rois, dims.num_images);
     const int k = dims.group_size;
     const int64_t bins = static_cast<int64_t>(k) * k;
-    const int64_t pixels = static_cast<int64_t>(dims.height) * dims.width;
 
-    // Each unit is one (image n, channel c) plane; a shard owns a contiguous
-    // range of planes, so no two threads write the same element.
+    // Each unit is one plane (image n, bin b) of the bin-major gradient, which
+    // only bin b of the RoIs of image n write: no two threads share an element.
     auto scatter_planes = [&](int64_t begin, int64_t end) {
-      for (int64_t first = begin; first < end;) {
-        const int64_t n = first / dims.channels;
-        const int64_t c0 = first % dims.channels;
-        const int64_t c1 = std::min<int64_t>(dims.channels, c0 + (end - first));
-        first += c1 - c0;
-        float* image = accum + n * dims.ImageSize();
-        for (int64_t p = 0; p < pixels; ++p) {
-          std::fill(image + p * dims.channels + c0, image + p * dims.channels + c1, 0.0f);
-        }
+      float shares[kDepthChunk];
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t n = unit / bins, b = unit % bins;
+        const int i = static_cast<int>(b / k), j = static_cast<int>(b % k);
+        float* plane = bin_major + layout.Plane(n, b);
+        std::fill(plane, plane + layout.PlaneSize(), 0.0f);
         for (int64_t o = by_image.start[n]; o < by_image.start[n + 1]; ++o) {
           const int64_t r = by_image.order[o];
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t d = c / bins;
-            const int i = static_cast<int>((c % bins) / k);
-            const int j = static_cast<int>(c % k);
-            const Interval& rows = table.Rows(r, i);
-            const Interval& cols = table.Cols(r, j);
-            const float share = rfcn_psroi::BinGradientShare(
-                ToFloat(grad[((r * k + i) * k + j) * dims.depth + d]), rows, cols);
-            if (share == 0.0f) continue;
-            for (int h = rows.start; h < rows.end; ++h) {
-              float* row = image + static_cast<int64_t>(h) * dims.width * dims.channels + c;
-              for (int w = cols.start; w < cols.end; ++w) row[w * dims.channels] += share;
+          const Interval& rows = table.Rows(r, i);
+          const Interval& cols = table.Cols(r, j);
+          if (rfcn_psroi::BinArea(rows, cols) == 0) continue;
+          const T* bin_grad = grad + ((r * k + i) * k + j) * dims.depth;
+          for (int64_t d0 = 0; d0 < dims.depth; d0 += kDepthChunk) {
+            const int count = static_cast<int>(std::min<int64_t>(kDepthChunk, dims.depth - d0));
+            for (int t = 0; t < count; ++t) {
+              shares[t] = rfcn_psroi::BinGradientShare(ToFloat(bin_grad[d0 + t]), rows, cols);
             }
-          }
-        }
-        if (!kIsFloat) {
-          T* out = output + n * dims.ImageSize();
-          for (int64_t p = 0; p < pixels; ++p) {
-            for (int64_t c = c0; c < c1; ++c) {
-              out[p * dims.channels + c] = static_cast<T>(image[p * dims.channels + c]);
+            for (int h = rows.start; h < rows.end; ++h) {
+              for (int w = cols.start; w < cols.end; ++w) {
+                float* pixel = plane + (static_cast<int64_t>(h) * dims.width + w) * dims.depth + d0;
+                for (int t = 0; t < count; ++t) pixel[t] += shares[t];
+              }
             }
           }
         }
       }
     };
-    const int64_t rois_per_image = dims.num_images == 0 ? 0 : dims.num_rois / dims.num_images;
+    const int64_t rois_per_image = dims.num_rois / std::max<int64_t>(1, dims.num_images);
     const int64_t area_per_bin = table.TotalArea() / std::max<int64_t>(1, dims.num_rois * bins);
     const int64_t cost_per_plane =
-        kCyclesPerPixel * (pixels + rois_per_image * (1 + area_per_bin));
-    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-        num_units, cost_per_plane, scatter_planes);
+        kCyclesPerElement * dims.depth * (layout.PlaneSize() / std::max<int64_t>(1, dims.depth) +
+                                          rois_per_image * (1 + area_per_bin));
+    const auto& threads = *ctx->device()->tensorflow_cpu_worker_threads();
+    Shard(threads.num_threads, threads.workers, dims.num_images * bins, cost_per_plane,
+          scatter_planes);
+    T* output = grad_maps->flat<T>().data();
+    Shard(threads.num_threads, threads.workers, layout.NumPixels(dims.num_images),
+          kCyclesPerElement * dims.channels, [&](int64_t begin, int64_t end) {
+            layout.ToNhwc(bin_major, begin, end, output);
+          });
   }
 
  private:

@@ -132,14 +132,18 @@ RFCN_HD inline int64_t ScoreChannel(int64_t d, int i, int j, int group_size) {
   return (d * group_size + i) * group_size + j;
 }
 
+// Mean of a bin whose pixels sum to `sum` (0 for an empty bin).
+RFCN_HD inline float BinMean(float sum, const Interval& rows, const Interval& cols) {
+  const int area = BinArea(rows, cols);
+  return area == 0 ? 0.0f : DivRn(sum, static_cast<float>(area));
+}
+
 // Mean of one channel over a bin. `image` points at channel 0 of pixel (0, 0)
 // of an NHWC image with `width` columns and `channels` channels; `load`
-// converts an element to float. Returns 0 for an empty bin.
+// converts an element to float. Pixels are summed in row-major order.
 template <typename T, typename Load>
 RFCN_HD inline float BinAverage(const T* image, int width, int64_t channels, int64_t channel,
                                 const Interval& rows, const Interval& cols, Load load) {
-  const int area = BinArea(rows, cols);
-  if (area == 0) return 0.0f;
   float sum = 0.0f;
   for (int h = rows.start; h < rows.end; ++h) {
     const T* row = image + (static_cast<int64_t>(h) * width) * channels + channel;
@@ -147,7 +151,24 @@ RFCN_HD inline float BinAverage(const T* image, int width, int64_t channels, int
       sum = AddRn(sum, load(row[static_cast<int64_t>(w) * channels]));
     }
   }
-  return DivRn(sum, static_cast<float>(area));
+  return BinMean(sum, rows, cols);
+}
+
+// BinAverage of `count` consecutive channels at once, written to means[t]
+// (t < count). `image` points at the first channel of pixel (0, 0); pixels
+// are `pixel_stride` floats apart. Each channel's pixels are summed in the
+// same row-major order as BinAverage, so the results are bit-identical; the
+// contiguous channels let the CPU vectorise the sums.
+RFCN_HD inline void BinAverages(const float* image, int width, int64_t pixel_stride, int count,
+                                const Interval& rows, const Interval& cols, float* means) {
+  for (int t = 0; t < count; ++t) means[t] = 0.0f;
+  for (int h = rows.start; h < rows.end; ++h) {
+    for (int w = cols.start; w < cols.end; ++w) {
+      const float* pixel = image + (static_cast<int64_t>(h) * width + w) * pixel_stride;
+      for (int t = 0; t < count; ++t) means[t] = AddRn(means[t], pixel[t]);
+    }
+  }
+  for (int t = 0; t < count; ++t) means[t] = BinMean(means[t], rows, cols);
 }
 
 // Share of a bin's output gradient received by each of its pixels (0 for an
