@@ -7,8 +7,9 @@
 Pipeline: builds the training dataset (BCCD trainval, short side 600, max 1000,
 batch 2, flip on) `--repeats` times; each time it discards `--warmup_batches`
 and then times `--num_batches` batches. Reports images/s per repeat and the
-median. `--format=tfrecord` converts the split first (to a temp dir) and reads
-the TFRecords instead of the VOC files.
+median, and the process CPU time per image (less sensitive to other load on
+the machine than images/s). `--format=tfrecord` converts the split first (to
+a temp dir) and reads the TFRecords instead of the VOC files.
 
 Train step: builds the model of `--model_config` (default the small-backbone
 configs/rfcn_bccd.yaml) with rfcn_tf.modeling.builder, and times full SGD
@@ -79,18 +80,21 @@ def _data_config(path: str, fmt: str) -> configs.DataConfig:
 
 
 def measure_pipeline(cfg: configs.DataConfig):
-    rates = []
+    """Per repeat: (images per wall second, process CPU milliseconds per image)."""
+    rates, cpu_ms = [], []
     for _ in range(FLAGS.repeats):
         iterator = iter(input_pipeline.build_dataset(cfg, FLAGS.batch_size))
         for _ in range(FLAGS.warmup_batches):
             next(iterator)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(FLAGS.num_batches):
             batch = next(iterator)
         batch["images"].numpy()
-        rates.append(FLAGS.num_batches * FLAGS.batch_size / (time.perf_counter() - start))
+        images = FLAGS.num_batches * FLAGS.batch_size
+        rates.append(images / (time.perf_counter() - start))
+        cpu_ms.append(1000 * (time.process_time() - cpu_start) / images)
         del iterator
-    return rates
+    return rates, cpu_ms
 
 
 def measure_train_step(cfg: configs.DataConfig) -> float:
@@ -127,13 +131,15 @@ def main(argv):
         path, fmt = os.path.join(tmp, f"{FLAGS.split}-*.tfrecord"), "tfrecord"
         print(f"converted {result.num_written} images to {tmp}")
     cfg = _data_config(path, fmt)
-    rates = measure_pipeline(cfg)
+    rates, cpu_ms = measure_pipeline(cfg)
     results = {
-        "cpu": _cpu_model(), "tensorflow": tf.__version__, "format": FLAGS.format,
+        "cpu": _cpu_model(), "load_average_1min": round(os.getloadavg()[0], 2),
+        "tensorflow": tf.__version__, "format": FLAGS.format,
         "split": FLAGS.split, "short_side": FLAGS.short_side, "max_side": FLAGS.max_side,
         "batch_size": FLAGS.batch_size, "cache": FLAGS.cache,
         "pipeline_images_per_s_runs": [round(r, 2) for r in rates],
         "pipeline_images_per_s_median": round(statistics.median(rates), 2),
+        "pipeline_cpu_ms_per_image_median": round(statistics.median(cpu_ms), 2),
     }
     step_rate = FLAGS.train_step_rate
     if not step_rate and not FLAGS.skip_train_step:

@@ -1,7 +1,6 @@
 """COCO instances JSON: round trip, crowd handling, category ids, and dirty annotations."""
 
 import json
-import os
 
 import numpy as np
 import pytest

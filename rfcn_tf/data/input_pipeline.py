@@ -57,8 +57,10 @@ import tensorflow as tf
 
 from rfcn_tf.configs import DataConfig
 from rfcn_tf.data import augment, preprocess, sources, tfrecord
+from rfcn_tf.data.records import DataError
 
 _CYCLE_LENGTH = 16
+_READ_BUFFER_BYTES = 1 << 20
 
 
 class PipelineStats:
@@ -124,7 +126,8 @@ def _tfrecord_dataset(files, cfg: DataConfig, num_pipelines: int, pipeline_id: i
     if cfg.is_training:
         ds = ds.shuffle(len(files), seed=cfg.seed if cfg.deterministic else None,
                         reshuffle_each_iteration=True)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), _CYCLE_LENGTH),
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
+                       cycle_length=min(len(files), _CYCLE_LENGTH),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     if num_pipelines > 1 and not by_file:
         ds = ds.shard(num_pipelines, pipeline_id)
@@ -201,7 +204,7 @@ def build_dataset(data_config: DataConfig, batch_size: int,
     """
     cfg = data_config
     if batch_size < 1:
-        raise sources.DataError(f"batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     source = sources.open_source(cfg)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0

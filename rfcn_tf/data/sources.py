@@ -122,5 +122,7 @@ def open_source(cfg: DataConfig) -> Source:
     if not records:
         raise DataError(f"data config: no usable images in {cfg.format} data at {cfg.path!r} "
                         f"(split {cfg.split!r}).\n{report.format()}")
-    logging.info("%s", report.format())
+    problems = sum(report.get(s) for s in (rpt.IMAGES_SKIPPED, rpt.BOXES_FIXED,
+                                             rpt.BOXES_DROPPED, rpt.OBJECTS_SKIPPED))
+    (logging.warning if problems else logging.info)("%s", report.format())
     return Source(label_map=label_map, records=records, report=report)

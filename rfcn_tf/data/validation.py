@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from rfcn_tf.data import image_check
 from rfcn_tf.data import report as rpt
 from rfcn_tf.data.label_map import LabelMap
 from rfcn_tf.data.records import DataError, ImageRecord
@@ -167,7 +168,6 @@ def vet_image_file(path: str, annotated_hw, level: str, where: str,
     annotation's size is trusted; the header is still read when the annotation
     gives no valid size.
     """
-    from rfcn_tf.data import image_check  # pylint: disable=import-outside-toplevel
     ann_valid = annotated_hw[0] > 0 and annotated_hw[1] > 0
     probe, problem = image_check.probe_image(
         path, level if (level != "none" or ann_valid) else "header")
