@@ -135,19 +135,26 @@ def sync():
 
 
 def time_calls(calls, repeats, warmup):
-    """calls: {name: zero-argument callable}. Returns {name: [seconds per call]}."""
+    """calls: {name: zero-argument callable}.
+
+    Returns ({name: [wall seconds per call]}, {name: [process CPU seconds per call]}).
+    CPU time (all threads of this process) is less disturbed by other processes on a
+    shared machine than wall time.
+    """
     for _ in range(warmup):
         for call in calls.values():
             call()
         sync()
-    times = {name: [] for name in calls}
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             call()
             sync()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def cpu_model():
@@ -172,11 +179,15 @@ def run_branch(depth, names, rng):
     fwd_bwd = {n: (lambda f=f: f[1](maps, rois, upstream)) for n, f in steps.items()}
     results = {}
     for label, calls in (("forward", fwd), ("forward_backward", fwd_bwd)):
-        times = time_calls(calls, FLAGS.repeats, FLAGS.warmup)
-        results[label] = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    if "custom" in names and "portable" in names:
-        exact = [steps[n][0](maps, rois).numpy() for n in ("custom", "portable")]
-        results["max_abs_diff_custom_portable"] = float(np.abs(exact[0] - exact[1]).max())
+        wall, cpu = time_calls(calls, FLAGS.repeats, FLAGS.warmup)
+        results[label] = {n: 1e3 * statistics.median(t) for n, t in wall.items()}
+        results[label + "_cpu"] = {n: 1e3 * statistics.median(t) for n, t in cpu.items()}
+    outputs = {n: steps[n][1](maps, rois, upstream) for n in names}
+    for n in names:
+        if n != names[0]:
+            results[f"max_abs_diff_{n}_vs_{names[0]}"] = {
+                "forward": float(np.abs(outputs[n][0] - outputs[names[0]][0]).max()),
+                "gradient": float(np.abs(outputs[n][1] - outputs[names[0]][1]).max())}
     return results
 
 
@@ -185,19 +196,20 @@ def ratio(a, b):
 
 
 def markdown(results, names):
-    lines = ["| branch | pass | " + " | ".join(f"{n} (ms)" for n in names)
+    lines = ["| branch | pass | clock | " + " | ".join(f"{n} (ms)" for n in names)
              + " | portable/custom | crop_and_resize/custom | best stock/custom |",
-             "|---" * (len(names) + 5) + "|"]
+             "|---" * (len(names) + 6) + "|"]
     for branch, res in results["branches"].items():
         for label in ("forward", "forward_backward"):
-            ms = res[label]
-            cells = [f"{ms[n]:.2f}" for n in names]
-            custom = ms.get("custom")
-            stock = min(ms[n] for n in names if n != "custom")
-            ratios = [ratio(ms.get("portable"), custom), ratio(ms.get("crop_and_resize"), custom),
-                      ratio(stock, custom)]
-            cells += ["-" if r is None else f"{r:.2f}x" for r in ratios]
-            lines.append(f"| {branch} | {label} | " + " | ".join(cells) + " |")
+            for clock, key in (("wall", label), ("cpu", label + "_cpu")):
+                ms = res[key]
+                cells = [f"{ms[n]:.2f}" for n in names]
+                custom = ms.get("custom")
+                stock = min(ms[n] for n in names if n != "custom")
+                ratios = [ratio(ms.get("portable"), custom),
+                          ratio(ms.get("crop_and_resize"), custom), ratio(stock, custom)]
+                cells += ["-" if r is None else f"{r:.2f}x" for r in ratios]
+                lines.append(f"| {branch} | {label} | {clock} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -221,6 +233,7 @@ def main(argv):
         "group_size": GROUP_SIZE,
         "repeats": FLAGS.repeats,
         "samples_per_bin": FLAGS.samples_per_bin,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "branches": {},
     }
     with tf.device(FLAGS.device) if FLAGS.device else contextlib.nullcontext():
@@ -230,13 +243,14 @@ def main(argv):
             res["score_maps_shape"] = shape
             results["branches"][branch] = res
             for label in ("forward", "forward_backward"):
-                ms = res[label]
-                print(f"{branch} {shape} {label}: "
-                      + ", ".join(f"{n} {ms[n]:.2f} ms" for n in names))
+                ms, cpu = res[label], res[label + "_cpu"]
+                print(f"{branch} {shape} {label}: " + ", ".join(
+                    f"{n} {ms[n]:.2f} ms (cpu {cpu[n]:.2f} ms)" for n in names))
     table = markdown(results, names)
     results["markdown"] = table
     print(f"\nTensorFlow {tf.__version__}, {results['cpu']} ({results['cpu_count']} CPUs), "
-          f"device {results['device']}, medians of {FLAGS.repeats} calls\n")
+          f"device {results['device']}, load average before the run "
+          f"{results['load_average']}, medians of {FLAGS.repeats} calls\n")
     print(table)
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:

@@ -8,6 +8,7 @@ RFCN_TF_REQUIRE_CUSTOM_OP=1 (set in CI) test_custom_library_is_built fails inste
 """
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -259,10 +260,14 @@ def test_custom_without_library_says_how_to_build(monkeypatch, caplog):
     maps, rois = make_case(seed=5, k=3, scale=1.0, num_random=3)
     with pytest.raises(ops.OpLibraryUnavailableError, match="pip install"):
         psroi(maps, rois, 3, 1.0, "custom")
-    # "auto" falls back to the portable implementation.
-    out = psroi(maps, rois, 3, 1.0, "auto")
+    # "auto" falls back to the portable implementation and says so once.
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            out = psroi(maps, rois, 3, 1.0, "auto")
     np.testing.assert_allclose(out.numpy(), psroi_pool_forward(maps, rois, 3, 1.0),
                                rtol=1e-5, atol=1e-5)
+    fallback_logs = [r for r in caplog.records if "portable implementation" in r.getMessage()]
+    assert len(fallback_logs) == 1 and "pip install" in fallback_logs[0].getMessage()
 
 
 def test_custom_library_is_built():

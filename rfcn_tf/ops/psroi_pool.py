@@ -129,6 +129,8 @@ def _resolve(implementation):
     return "custom"
 
 
+# No tensor-dependent Python control flow here: AutoGraph has nothing to convert.
+@tf.autograph.experimental.do_not_convert
 def psroi_pool(score_maps, rois, *, group_size, spatial_scale, implementation="auto"):
     """Position-sensitive RoI pooling.
 

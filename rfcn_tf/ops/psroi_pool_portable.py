@@ -2,20 +2,25 @@
 
 Same semantics as the compiled `RfcnPsRoiPool` op (see `rfcn_tf.ops.psroi_pool`), built
 only from ops that stock TF Serving runs and that have TFLite builtins: reshape,
-transpose, pad, cumsum, gather, arithmetic, floor/ceil, select. No crop_and_resize, no
-custom op, no py_function. Its gradient comes from TensorFlow autodiff.
+transpose, batch matmul, gather, strided slice, mean, arithmetic, floor/ceil, select. No
+crop_and_resize, no custom op, no py_function. Its gradient comes from TF autodiff.
 
-Method: a summed-area table S (a 2-D cumsum with a zero row and column in front) gives
-the sum of any integer-aligned box in four lookups,
-    sum(rows hs:he, cols ws:we) = (S[he, we] - S[he, ws]) - (S[hs, we] - S[hs, ws]),
-so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size. The
-channels are regrouped first so that group g = i*k + j (the D maps of bin (i, j)) is a
-contiguous D-vector at every table position.
+Method: a summed-area table S (S[h, w] = sum of rows < h and columns < w) gives the sum
+of any integer-aligned box in four lookups,
+    sum(rows hs:he, cols ws:we) = S[he, we] - S[he, ws] - S[hs, we] + S[hs, ws],
+so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size.
+ - Layout: the channels are regrouped to [k*k, N, H, W, D] so that bin (i, j) reads a
+   contiguous D-vector of group g = i*k + j, and all lookups of one group fall in one
+   small block of the table (cache-friendly gather, and scatter in the gradient).
+ - The prefix sums are products with triangular 0/1 matrices, one along H and one
+   along W, instead of tf.cumsum, whose CPU kernel is over ten times slower here.
 
-Precision: the table is built in float32 (float16 input is cast up and the result cast
-back) from maps with their per-channel spatial mean subtracted, and the mean is added
-back per bin. Corner sums then stay near zero instead of growing with the map's offset,
-so rounding error stays close to that of a direct average.
+Precision: float32 throughout (float16 input is cast up, the result cast back). The
+table is built from the maps minus their per-channel spatial mean, added back per bin,
+so corner sums grow with the maps' variation rather than their offset. Any offset gives
+the same result in exact arithmetic and the same gradient, so it is held constant
+(tf.stop_gradient) and costs nothing in the backward pass. Measured against a float64 reference
+on 38x63 maps: max error about 1e-5 (largest for one-pixel bins).
 """
 
 import tensorflow as tf
@@ -55,12 +60,30 @@ def _bin_edges(start, end, group_size, limit):
     return lo, hi
 
 
+def _strictly_lower_ones(rows, cols):
+    """[rows, cols] float32: 1 where row index > column index, else 0."""
+    return tf.cast(tf.range(rows)[:, tf.newaxis] > tf.range(cols)[tf.newaxis, :], tf.float32)
+
+
+def _summed_area_table(maps):
+    """[G, N, H, W, D] -> [G, N, H+1, W+1, D]; table[..., h, w, :] sums maps[..., :h, :w, :]."""
+    shape = tf.shape(maps)
+    groups, num_images, height, width, depth = (shape[0], shape[1], shape[2], shape[3],
+                                                shape[4])
+    table = tf.matmul(_strictly_lower_ones(height + 1, height),
+                      tf.reshape(maps, [groups * num_images, height, width * depth]))
+    table = tf.matmul(_strictly_lower_ones(width + 1, width),
+                      tf.reshape(table, [groups * num_images * (height + 1), width, depth]))
+    return tf.reshape(table, [groups, num_images, height + 1, width + 1, depth])
+
+
 def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     """Position-sensitive RoI pooling built from stock ops.
 
     Does not validate its inputs: call it through
     `rfcn_tf.ops.psroi_pool(..., implementation="portable")`, which does. The batch
-    index of a RoI is truncated toward zero.
+    index of a RoI is truncated toward zero. Table indices are int32: needs
+    k*k * N * (H+1) * (W+1) < 2**31.
 
     Args:
       score_maps: float32 or float16 [N, H, W, k*k*D].
@@ -82,14 +105,12 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     num_images, height, width = shape[0], shape[1], shape[2]
     depth = shape[3] // groups
 
-    # [N, H, W, D*k*k] -> [N, H, W, k*k, D]: group g's D maps become one contiguous vector.
+    # [N, H, W, D*k*k] -> [k*k, N, H, W, D]; group g = i*k + j holds the maps of bin (i, j).
     grouped = tf.transpose(tf.reshape(maps, [num_images, height, width, depth, groups]),
-                           [0, 1, 2, 4, 3])
-    mean = tf.reduce_mean(grouped, axis=[1, 2], keepdims=True)  # [N, 1, 1, kk, D]
-    table = tf.pad(grouped - mean, [[0, 0], [1, 0], [1, 0], [0, 0], [0, 0]])
-    table = tf.cumsum(tf.cumsum(table, axis=1), axis=2)  # [N, H+1, W+1, kk, D]
-    table = tf.reshape(table, [num_images * (height + 1) * (width + 1) * groups, depth])
-    mean = tf.reshape(mean, [num_images * groups, depth])
+                           [4, 0, 1, 2, 3])
+    offset = tf.stop_gradient(tf.reduce_mean(grouped, axis=[2, 3], keepdims=True))
+    table = _summed_area_table(grouped - offset)
+    table = tf.reshape(table, [groups * num_images * (height + 1) * (width + 1), depth])
 
     batch = tf.cast(rois[:, 0], tf.int32)
     # x1' = round(x1)*s, x2' = (round(x2) + 1)*s: the inclusive end pixel becomes exclusive.
@@ -97,26 +118,30 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     x1, y1, x2, y2 = corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3]
     row_lo, row_hi = _bin_edges(y1, y2, k, height)  # [R, k]
     col_lo, col_hi = _bin_edges(x1, x2, k, width)
-
-    # Flat table index of (batch, row, col, group) = ((b*(H+1) + row)*(W+1) + col)*kk + g.
-    row_stride = (width + 1) * groups
-    base = batch * (height + 1) * row_stride
-    group_ids = tf.reshape(tf.range(groups), [1, k, k])
-
-    def flat_index(rows, cols):
-        return (base[:, tf.newaxis, tf.newaxis] + rows[:, :, tf.newaxis] * row_stride
-                + cols[:, tf.newaxis, :] * groups + group_ids)  # [R, k, k]
-
-    index = tf.stack([flat_index(row_hi, col_hi), flat_index(row_hi, col_lo),
-                      flat_index(row_lo, col_hi), flat_index(row_lo, col_lo)])
-    values = tf.gather(table, index)  # [4, R, k, k, D]
-    box_sum = (values[0] - values[1]) - (values[2] - values[3])
-
     count = (tf.cast(row_hi - row_lo, tf.float32)[:, :, tf.newaxis]
              * tf.cast(col_hi - col_lo, tf.float32)[:, tf.newaxis, :])[..., tf.newaxis]
-    bin_mean = tf.gather(mean, batch[:, tf.newaxis, tf.newaxis] * groups + group_ids)
-    pooled = box_sum / tf.maximum(count, 1.0) + bin_mean
-    pooled = tf.where(count > 0.0, pooled, tf.zeros_like(pooled))
+    nonempty = count > 0.0  # [R, k, k, 1]
+
+    # Table row of (group, image, row, col) = ((g*N + b)*(H+1) + row)*(W+1) + col, laid
+    # out [k_i, k_j, corner, R] so that the lookups of a group are adjacent.
+    image_rows = (tf.reshape(tf.range(groups), [k, k, 1]) * num_images + batch) * (height + 1)
+
+    def table_rows(rows, cols):  # rows, cols: [R, k] -> [k, k, R]
+        rows, cols = tf.transpose(rows), tf.transpose(cols)
+        return (image_rows + rows[:, tf.newaxis, :]) * (width + 1) + cols[tf.newaxis, :, :]
+
+    index = tf.stack([table_rows(row_hi, col_hi), table_rows(row_hi, col_lo),
+                      table_rows(row_lo, col_hi), table_rows(row_lo, col_lo)], axis=2)
+    values = tf.reshape(tf.gather(table, index), [groups, 4, -1])  # [k*k, 4, R*D]
+    box_sum = tf.reshape(tf.matmul([[1.0, -1.0, -1.0, 1.0]], values), [k, k, -1, depth])
+    box_sum = tf.transpose(box_sum, [2, 0, 1, 3])  # [R, k, k, D]
+
+    offset_by_image = tf.reshape(
+        tf.transpose(tf.reshape(offset, [groups, num_images, depth]), [1, 0, 2]),
+        [num_images, groups * depth])
+    bin_offset = tf.reshape(tf.gather(offset_by_image, batch), [-1, k, k, depth])
+    inverse_count = tf.where(nonempty, 1.0 / tf.maximum(count, 1.0), tf.zeros_like(count))
+    pooled = box_sum * inverse_count + bin_offset * tf.cast(nonempty, tf.float32)
     channels = score_maps.shape[-1] if score_maps.shape.rank is not None else None
     pooled.set_shape([rois.shape[0], k, k, None if channels is None else channels // groups])
     return tf.cast(pooled, out_dtype)
