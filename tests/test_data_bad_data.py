@@ -1,6 +1,7 @@
 """Dirty data: every bad case is skipped, fixed or dropped, counted, and nothing crashes."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ def dirty_voc(tmp_path_factory):
         ("allbad", "", [("cat", (3, 3, 3, 3), False)]),
     ]
     write_voc(root, entries, split_ids=[e[0] for e in entries] + ["ok", "noann"], size=(H, W))
+    voc.write_split(root, "broken", ["corrupt", "truncated"])
     for name in ("ok", "boxes", "empty", "allbad"):
         with open(os.path.join(images, name + ".jpg"), "wb") as f:
             f.write(image_bytes(H, W, "JPEG", seed=len(name)))
@@ -199,3 +201,32 @@ def test_tfrecord_with_bad_records_is_cleaned_and_skipped(tmp_path):
     assert result.report.get(rpt.BOXES_FIXED, validation.REASON_INVERTED) == 1
     assert result.report.get(rpt.BOXES_DROPPED, validation.REASON_DEGENERATE) == 1
     assert result.report.get(rpt.OBJECTS_SKIPPED, validation.reason_unknown_label(7)) == 1
+
+
+def test_training_on_undecodable_data_ends_instead_of_spinning(dirty_voc):
+    """Every image of the split fails in the graph: repeat() must not loop forever."""
+    cfg = _eval_config(dirty_voc, split="broken", image_check="none", is_training=True)
+    stats = input_pipeline.PipelineStats()
+    dataset = input_pipeline.build_dataset(cfg, 1, stats=stats)
+    batches = []
+    worker = threading.Thread(target=lambda: batches.extend(dataset), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the training dataset kept spinning over undecodable images"
+    assert batches == [] and stats.attempted() == 2 and stats.skipped() == 2
+
+
+def test_tfrecord_files_are_checked_up_front(tmp_path):
+    not_a_record = tmp_path / "a.tfrecord"
+    not_a_record.write_bytes(b"plain text, not a TFRecord" * 10)
+    with pytest.raises(DataError, match="not a readable TFRecord"):
+        input_pipeline.build_dataset(DataConfig(format="tfrecord", path=str(not_a_record),
+                                                class_names=["cat"]), 1)
+    bad_image = str(tmp_path / "b.tfrecord")
+    record = ImageRecord(source_id=0, filename="x.jpg", image_path=None, height=H, width=W,
+                         boxes=np.zeros([0, 4]), classes=[], difficult=[], is_crowd=[])
+    with tf.io.TFRecordWriter(bad_image) as writer:
+        writer.write(tfrecord.make_example(record, b"junk", "jpeg", LABELS).SerializeToString())
+    with pytest.raises(DataError, match="no image decodes"):
+        input_pipeline.build_dataset(DataConfig(format="tfrecord", path=bad_image,
+                                                class_names=["cat"]), 1)

@@ -26,7 +26,9 @@ InputContext, and the data is sharded by input pipeline):
 Training (`is_training`): boxes of crowd objects are dropped, and difficult ones
 unless `use_difficult`; random horizontal flip (`random_flip`); the short side
 is drawn per image from `multiscale_short_sides` when set; records are shuffled
-and repeated forever; the last partial batch is dropped (static B).
+(reshuffled every epoch) and repeated forever; the last partial batch is
+dropped (static B). A training set none of whose images decodes gives an
+empty dataset, not an endless loop.
 Evaluation: every box is kept with its flags, one pass, no augmentation, the
 last batch may be smaller.
 
@@ -224,13 +226,15 @@ def build_dataset(data_config: DataConfig, batch_size: int,
 
     if cfg.cache:
         ds = decoded(ds).cache()
-    if cfg.is_training:
-        if cfg.shuffle_buffer > 1:
-            ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed if deterministic else None,
-                            reshuffle_each_iteration=True)
-        ds = ds.repeat()
+    if cfg.is_training and cfg.shuffle_buffer > 1:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed if deterministic else None,
+                        reshuffle_each_iteration=True)
     if not cfg.cache:
         ds = decoded(ds)
+    if cfg.is_training:
+        # After the skip-safe decode: if a whole first pass yields nothing, repeat() ends
+        # instead of spinning forever over undecodable data.
+        ds = ds.repeat()
     seeds = tf.data.Dataset.random(
         seed=(cfg.seed * 1_000_003 + pipeline_id) if deterministic else None)
     ds = tf.data.Dataset.zip((ds, seeds))

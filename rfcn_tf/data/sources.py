@@ -98,6 +98,7 @@ def open_source(cfg: DataConfig) -> Source:
     check_config(cfg)
     if cfg.format == "tfrecord":
         files = tfrecord.list_files(cfg.path)
+        tfrecord.check_files(files)
         label_map = resolve_label_map(cfg, os.path.dirname(files[0]))
         if label_map is None:
             raise DataError(f"data config: TFRecords {cfg.path!r} need a label map: set "

@@ -134,6 +134,39 @@ def parse_example(serialized: tf.Tensor) -> dict:
     }
 
 
+def check_files(files: List[str]) -> None:
+    """Reads, parses and decodes the first record of each file (bounded work).
+
+    Raises DataError naming a file that is not a readable TFRecord of
+    tf.Examples with an `image/encoded` key, or when no file's first image
+    decodes. A bad image inside a good file is left to the pipeline's skip.
+    """
+    decodable = nonempty = 0
+    for path in files:
+        try:
+            first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+        except tf.errors.OpError as e:
+            raise DataError(f"{path} is not a readable TFRecord file: {e.message}") from e
+        if first is None:
+            continue
+        nonempty += 1
+        try:
+            parsed = parse_example(first)
+        except tf.errors.OpError as e:
+            raise DataError(f"{path}: the first record is not a tf.Example with the TF Object "
+                            f"Detection API keys ({e.message.splitlines()[0]})") from e
+        try:
+            tf.io.decode_image(parsed["encoded"], channels=3, expand_animations=False)
+            decodable += 1
+        except tf.errors.OpError:
+            continue
+    if not nonempty:
+        raise DataError(f"all {len(files)} TFRecord file(s) are empty ({files[0]}, ...)")
+    if not decodable:
+        raise DataError(f"no image decodes in the first record of any of {len(files)} TFRecord "
+                        f"file(s) ({files[0]}, ...)")
+
+
 def list_files(pattern: str) -> List[str]:
     """Sorted files matching a glob (or comma-separated globs); DataError if none."""
     files = sorted({f for p in pattern.split(",") if p.strip()
