@@ -26,6 +26,7 @@ from rfcn_tf import ops
 from rfcn_tf.ops import op_library
 
 psroi_pool_module = importlib.import_module("rfcn_tf.ops.psroi_pool")
+portable_module = importlib.import_module("rfcn_tf.ops.psroi_pool_portable")
 
 CUSTOM_AVAILABLE = op_library.is_available()
 needs_custom = pytest.mark.skipif(
@@ -137,10 +138,12 @@ def test_position_sensitive_channel_selection(impl):
 
 @needs_custom
 def test_custom_and_portable_agree_on_detection_shapes():
+    # R-FCN's class branch for a 600x1000 image at stride 16 (maps with an offset, as
+    # conv outputs with a bias have), and a second image in the batch.
     rng = np.random.default_rng(7)
-    k, depth = 7, 5
-    maps = rng.normal(size=(2, 20, 30, k * k * depth)).astype(np.float32)
-    rois = make_rois(rng, 2, 20 * 16, 30 * 16, 60)
+    k, depth = 7, 21
+    maps = (rng.normal(size=(2, 38, 63, k * k * depth)) + 3.0).astype(np.float32)
+    rois = make_rois(rng, 2, 600, 1000, 300)
     grad_out = rng.normal(size=(len(rois), k, k, depth)).astype(np.float32)
     results = {}
     for impl in ("custom", "portable"):
@@ -413,3 +416,14 @@ def test_library_loads_in_fresh_process():
                             env=env, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "RESULT [2.5]" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["matmul", "cumsum"])
+def test_summed_area_table_methods(method):
+    # The portable twin builds its table with matmuls on CPU and tf.cumsum on GPU; both
+    # must give table[..., h, w, :] = sum of maps[..., :h, :w, :].
+    maps = np.random.default_rng(2).normal(size=(2, 3, 5, 7, 4)).astype(np.float32)
+    table = portable_module._summed_area_table(tf.constant(maps), method).numpy()
+    expected = np.zeros((2, 3, 6, 8, 4))
+    expected[:, :, 1:, 1:] = maps.astype(np.float64).cumsum(axis=2).cumsum(axis=3)
+    np.testing.assert_allclose(table, expected, rtol=1e-5, atol=1e-5)
