@@ -308,7 +308,8 @@ class PsRoiPoolCpuOp : public OpKernel {
         }
       }
     };
-    const int64_t cost_per_bin = kCyclesPerElement * dims.depth * (1 + table.TotalArea() / num_bins);
+    const int64_t cost_per_bin =
+        kCyclesPerElement * dims.depth * (1 + table.TotalArea() / num_bins);
     Shard(threads.num_threads, threads.workers, num_bins, cost_per_bin, pool_bins);
   }
 
@@ -455,8 +456,14 @@ rfcn_psroi::PsRoiPoolDims ToLaunchDims(const PoolingDims& dims) {
 
 absl::Status CudaStatus(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return absl::OkStatus();
+  // The kernels run on the CUDA runtime they were built with (linked
+  // statically), which may need a newer driver than TensorFlow's own.
+  const char* hint = (err == cudaErrorInsufficientDriver || err == cudaErrorNoKernelImageForDevice)
+                         ? " (rebuild the op with a CUDA toolkit supported by this driver and "
+                           "GPU, see RFCN_TF_CUDA_ARCHS in setup.py)"
+                         : "";
   return errors::Internal("PSRoIPool: ", what, " failed: ", cudaGetErrorName(err), ": ",
-                          cudaGetErrorString(err));
+                          cudaGetErrorString(err), hint);
 }
 
 // Runs the RoI validation kernel, then `launch_main` (which must be memory-safe
