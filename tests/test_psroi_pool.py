@@ -427,3 +427,20 @@ def test_summed_area_table_methods(method):
     expected = np.zeros((2, 3, 6, 8, 4))
     expected[:, :, 1:, 1:] = maps.astype(np.float64).cumsum(axis=2).cumsum(axis=3)
     np.testing.assert_allclose(table, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_gpu_formulation_on_cpu(monkeypatch):
+    # On a GPU the portable twin uses tf.cumsum and no matmuls; check that variant here.
+    monkeypatch.setattr(portable_module, "_runs_on_gpu", lambda tensor: True)
+    k, scale = 3, 1.0 / 8
+    maps, rois = make_case(seed=12, k=k, scale=scale, offset=2.0)
+    grad_out = np.random.default_rng(3).normal(size=(len(rois), k, k, 3)).astype(np.float32)
+    maps_t = tf.constant(maps)
+    with tf.GradientTape() as tape:
+        tape.watch(maps_t)
+        out = psroi(maps_t, rois, k, scale, "portable")
+    np.testing.assert_allclose(out.numpy(), psroi_pool_forward(maps, rois, k, scale),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(out, maps_t, output_gradients=grad_out).numpy(),
+                               psroi_pool_backward(grad_out, rois, maps.shape, k, scale),
+                               rtol=1e-5, atol=1e-5)

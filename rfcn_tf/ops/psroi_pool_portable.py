@@ -2,7 +2,7 @@
 
 Same semantics as the compiled `RfcnPsRoiPool` op (see `rfcn_tf.ops.psroi_pool`), built
 only from ops that stock TF Serving runs and that have TFLite builtins: reshape,
-transpose, batch matmul, gather, strided slice, mean, arithmetic, floor/ceil, select. No
+transpose, batch matmul or cumsum, gather, mean, arithmetic, floor/ceil, select. No
 crop_and_resize, no custom op, no py_function. Its gradient comes from TF autodiff.
 
 Method: a summed-area table S (S[h, w] = sum of rows < h and columns < w) gives the sum
@@ -12,8 +12,9 @@ so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size.
  - Layout: the channels are regrouped to [k*k, N, H, W, D] so that bin (i, j) reads a
    contiguous D-vector of group g = i*k + j, and all lookups of one group fall in one
    small block of the table (cache-friendly gather, and scatter in the gradient).
- - The prefix sums are products with triangular 0/1 matrices, one along H and one
-   along W, instead of tf.cumsum, whose CPU kernel is over ten times slower here.
+ - On CPU the prefix sums are products with triangular 0/1 matrices, one along H and
+   one along W: tf.cumsum's CPU kernel is over ten times slower. On a GPU they are
+   tf.cumsum, since float32 matmuls may run in TF32 there (see _summed_area_table).
 
 Precision: float32 throughout (float16 input is cast up, the result cast back). The
 table is built from the maps minus their per-channel spatial mean, added back per bin,
@@ -129,8 +130,9 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     grouped = tf.transpose(tf.reshape(maps, [num_images, height, width, depth, groups]),
                            [4, 0, 1, 2, 3])
     offset = tf.stop_gradient(tf.reduce_mean(grouped, axis=[2, 3], keepdims=True))
-    table = _summed_area_table(grouped - offset,
-                               "cumsum" if _runs_on_gpu(grouped) else "matmul")
+    # On a GPU, float32 matmuls may run in TF32 (10-bit mantissa): no matmul on the maps.
+    on_gpu = _runs_on_gpu(grouped)
+    table = _summed_area_table(grouped - offset, "cumsum" if on_gpu else "matmul")
     table = tf.reshape(table, [groups * num_images * (height + 1) * (width + 1), depth])
 
     batch = tf.cast(rois[:, 0], tf.int32)
@@ -154,8 +156,12 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     index = tf.stack([table_rows(row_hi, col_hi), table_rows(row_hi, col_lo),
                       table_rows(row_lo, col_hi), table_rows(row_lo, col_lo)], axis=2)
     values = tf.gather(table, index)  # [k, k, 4, R, D]
-    # Not a matmul with the signs: that is faster on CPU but may run in TF32 on a GPU.
-    box_sum = tf.reduce_sum(values * tf.reshape([1.0, -1.0, -1.0, 1.0], [4, 1, 1]), axis=2)
+    signs = [1.0, -1.0, -1.0, 1.0]
+    if on_gpu:
+        box_sum = tf.reduce_sum(values * tf.reshape(signs, [4, 1, 1]), axis=2)
+    else:  # the same sum as one small matmul, several times faster on CPU
+        box_sum = tf.reshape(tf.matmul([signs], tf.reshape(values, [groups, 4, -1])),
+                             [k, k, -1, depth])
     box_sum = tf.transpose(box_sum, [2, 0, 1, 3])  # [k, k, R, D] -> [R, k, k, D]
 
     offset_by_image = tf.reshape(
