@@ -1,131 +1,233 @@
-r"""SavedModel export of a trained detector: uint8 images in, TF OD API detections out.
+r"""SavedModel export for TF Serving: images in, TF Object Detection API detections out.
 
-  python -m rfcn_tf.export.saved_model --model_dir=runs/x [--checkpoint=runs/x/best] \
-      [--export_dir=runs/x/export] [--config_file=...] [--params_override=...]
+`export_saved_model(config, checkpoint, export_dir)` (and `python -m rfcn_tf.export`,
+see rfcn_tf/export/cli.py) writes export_dir/<version>/, the layout TF Serving expects
+(version = the checkpoint's training step unless given). Signatures:
 
-writes export_dir/<version>/ (TF Serving's layout; version = the checkpoint's
-training step) with one signature, serving_default:
+  serving_default               the --input_type one (config export.input_type):
+  image_tensor                  input_tensor uint8 [B, H, W, 3], any H, W (one size
+                                per batch)
+  encoded_image_string_tensor   input_tensor string [B]: JPEG/PNG/GIF/BMP bytes
+  tf_example                    input_tensor string [B]: tf.train.Example protos with
+                                image/encoded
+(the three named ones are written too unless extra_signatures=False), all with outputs
+  detection_boxes    float32 [B, D, 4] (ymin, xmin, ymax, xmax) normalised to the
+                     input image, in [0, 1]
+  detection_scores   float32 [B, D], sorted, descending
+  detection_classes  float32 [B, D], 1-based label-map ids
+  num_detections     float32 [B]; the slots past it are zero
+D = model.detection.max_detections. Preprocessing (resize, normalisation, padding) is in
+the graph: rfcn_tf.export.inputs.
 
-  inputs   input_tensor  uint8 [B, H, W, 3], any H, W (one size per batch)
-  outputs  detection_boxes    float32 [B, D, 4] (ymin, xmin, ymax, xmax) normalised
-                              to the input image, in [0, 1]
-           detection_scores   float32 [B, D]
-           detection_classes  float32 [B, D], 1-based label-map ids
-           num_detections     float32 [B]; slots past it are zero
+Assets: assets/label_map.pbtxt (TF OD API label map) and assets/rfcn_export.json
+(input type, PSRoI implementation, preprocessing, class names, model config).
 
-Preprocessing is in the graph and matches the evaluation input pipeline
-(rfcn_tf.data.preprocess): bilinear resize so the short side is
-eval_data.short_side unless the long side would pass eval_data.max_side,
-ImageNet normalisation, zero padding to a multiple of eval_data.pad_multiple.
-PSRoI pooling uses export.psroi_impl ("portable": stock TensorFlow ops only,
-loadable without rfcn_tf).
+PSRoI pooling flavour (psroi_impl): "portable" (default) uses stock TensorFlow ops
+only, so stock TF Serving, a Python without rfcn_tf, TFLite and tf2onnx can all run
+it; "custom" uses the compiled RfcnPsRoiPool op, which the consumer must register
+(tf.load_op_library, or a TF Serving build that links BUILD's :psroi_pool_ops).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Dict, Optional
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Sequence
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 import tensorflow as tf
-from absl import app, flags
+from absl import logging
 
 from rfcn_tf import configs
-from rfcn_tf.data import preprocess
+from rfcn_tf.export import graph_ops
+from rfcn_tf.export import inputs as inputs_lib
 
 SIGNATURE_KEY = "serving_default"
-INPUT_NAME = "input_tensor"
-OUTPUT_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+INPUT_NAME = inputs_lib.INPUT_NAME
+OUTPUT_KEYS = inputs_lib.OUTPUT_KEYS
+LABEL_MAP_ASSET = "label_map.pbtxt"
+METADATA_ASSET = "rfcn_export.json"
+PSROI_FLAVOURS = ("portable", "custom")
+
+
+class ExportError(ValueError):
+    """An export request that cannot be carried out; the message says why."""
 
 
 class DetectionModule(tf.Module):
-    """The serving function and the detector's variables, without the Keras object.
+    """The serving functions and the detector's variables, without the Keras object.
 
-    Saving the Keras model itself would make tf.saved_model trace its
-    training-mode call too (which needs ground truth); only the variables are
-    tracked here, and `serve` reaches the detector through a closure.
+    Saving the Keras model itself would make tf.saved_model trace its training-mode
+    call too (which needs ground truth); only the variables are tracked here, and the
+    serving functions reach the detector through a closure. `functions[input_type]`
+    is the tf.function of each input type (see rfcn_tf.export.inputs).
     """
 
-    def __init__(self, detector: tf.Module, data_config: configs.DataConfig):
+    def __init__(self, detector, data_config: configs.DataConfig,
+                 input_types: Sequence[str] = inputs_lib.INPUT_TYPES,
+                 assets: Sequence[str] = ()):
         super().__init__(name="rfcn_detection_module")
         self.detector_variables = list(detector.variables)
-        short_side, max_side = float(data_config.short_side), float(data_config.max_side)
-        multiple = int(data_config.pad_multiple)
+        self.assets = [tf.saved_model.Asset(path) for path in assets]
+        preprocessor = inputs_lib.Preprocessor(data_config)
+        max_detections = detector.model_config.detection.max_detections
 
-        def preprocess_images(images: tf.Tensor):
-            """uint8 [B, H, W, 3] -> (normalised padded float32 images, image_info [B, 4, 2])."""
-            batch = tf.shape(images)[0]
-            original_hw = tf.shape(images)[1:3]
-            size = preprocess.scaled_size(original_hw, short_side, max_side)
-            resized = preprocess.resize(images, size)
-            # preprocess.normalize takes one [H, W, 3] image; it is per pixel, so the
-            # batch is normalised as a [B * H, W, 3] image.
-            shape = tf.shape(resized)
-            resized = tf.reshape(preprocess.normalize(
-                tf.reshape(resized, [shape[0] * shape[1], shape[2], 3])), shape)
-            size_int = tf.cast(size, tf.int32)
-            padded_hw = (size_int + multiple - 1) // multiple * multiple
-            padded = tf.pad(resized, [[0, 0], [0, padded_hw[0] - size_int[0]],
-                                      [0, padded_hw[1] - size_int[1]], [0, 0]])
-            info = tf.tile(preprocess.image_info(original_hw, size)[None], [batch, 1, 1])
-            return padded, info
-
-        def serve(input_tensor: tf.Tensor) -> Dict[str, tf.Tensor]:
-            images, image_info = preprocess_images(input_tensor)
-            outputs = detector({"images": images, "image_info": image_info}, training=False)
+        def detect(images: tf.Tensor) -> Dict[str, tf.Tensor]:
+            model_images, image_info = preprocessor(images)
+            outputs = detector({"images": model_images, "image_info": image_info},
+                               training=False)
             return {key: tf.cast(outputs[key], tf.float32) for key in OUTPUT_KEYS}
 
-        self.serve = tf.function(serve, input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
+        self.functions = {}
+        for input_type in input_types:
+            function = tf.function(
+                inputs_lib.serving_function(detect, input_type, max_detections),
+                input_signature=[inputs_lib.input_spec(input_type)])
+            setattr(self, f"serve_{input_type}", function)
+            self.functions[input_type] = function
 
 
-def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, export_dir: str,
-                       version: Optional[int] = None) -> str:
-    """Restores `checkpoint_path` into a detector built with export.psroi_impl and
-    saves export_dir/<version>; returns that path. version defaults to the
-    checkpoint's step (the number in "ckpt-<step>"), else 1."""
-    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
-    model_config = configs.from_dict(configs.ModelConfig, {
-        **configs.to_dict(config.model),
-        "head": {**configs.to_dict(config.model.head), "psroi_impl": config.export.psroi_impl}})
-    detector = loop.restore_detector(model_config, checkpoint_path)
-    if version is None:
-        suffix = checkpoint_path.rsplit("-", 1)[-1]
-        version = int(suffix) if suffix.isdigit() else 1
+def class_names_for_export(config: configs.ExperimentConfig) -> List[str]:
+    """Names of classes 1..num_classes: eval_data's label map (class_names, label_map
+    file, label_map.pbtxt beside the data, or the dataset's own classes), else
+    "class_<id>" with a warning when the data cannot be opened."""
+    from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
+    from rfcn_tf.data.records import DataError  # pylint: disable=import-outside-toplevel
+    num_classes = config.model.num_classes
+    try:
+        label_map = sources.open_source(config.eval_data).label_map
+    except (DataError, OSError) as error:
+        logging.warning("export: no label map from eval_data (%s); classes are named "
+                        "class_1..class_%d", error, num_classes)
+        return [f"class_{i}" for i in range(1, num_classes + 1)]
+    names = label_map.names
+    if len(names) != num_classes:
+        raise ExportError(f"model.num_classes is {num_classes} but the eval_data label map has "
+                          f"{len(names)} classes {names}")
+    return [name or f"class_{i}" for i, name in enumerate(names, start=1)]
+
+
+def _check_psroi_flavour(psroi_impl: str) -> None:
+    if psroi_impl not in PSROI_FLAVOURS:
+        raise ExportError(f"psroi_impl must be one of {PSROI_FLAVOURS} for an export, got "
+                          f"{psroi_impl!r} ('auto' would make the flavour depend on the machine)")
+    if psroi_impl == "custom":
+        from rfcn_tf.ops import op_library  # pylint: disable=import-outside-toplevel
+        try:
+            op_library.load()
+        except op_library.OpLibraryUnavailableError as error:
+            raise ExportError(f"psroi_impl='custom' needs the compiled op library: {error}"
+                              ) from error
+
+
+def _write_assets(directory: str, class_names: Sequence[str], metadata: dict) -> List[str]:
+    from rfcn_tf.data.label_map import LabelMap  # pylint: disable=import-outside-toplevel
+    label_map_path = LabelMap.from_names(class_names).write(
+        os.path.join(directory, LABEL_MAP_ASSET))
+    metadata_path = os.path.join(directory, METADATA_ASSET)
+    with open(metadata_path, "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+    return [label_map_path, metadata_path]
+
+
+def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
+                    version: int = 1, *, input_type: Optional[str] = None,
+                    psroi_impl: Optional[str] = None,
+                    class_names: Optional[Sequence[str]] = None,
+                    extra_signatures: bool = True) -> str:
+    """Saves `detector` (an RfcnModel) as export_dir/<version>; returns that path.
+
+    input_type / psroi_impl default to config.export's; class_names to
+    `class_names_for_export(config)`. An existing export_dir/<version> is replaced.
+    The detector's PSRoI implementation is switched for the trace and restored after.
+    Raises ExportError for a bad input type, flavour or class list.
+    """
+    input_type = input_type or config.export.input_type
+    psroi_impl = psroi_impl or config.export.psroi_impl
+    if input_type not in inputs_lib.INPUT_TYPES:
+        raise ExportError(f"input_type must be one of {inputs_lib.INPUT_TYPES}, "
+                          f"got {input_type!r}")
+    _check_psroi_flavour(psroi_impl)
+    if version < 1:
+        raise ExportError(f"version must be >= 1 (TF Serving's numbering), got {version}")
+    class_names = list(class_names) if class_names else class_names_for_export(config)
+    if len(class_names) != config.model.num_classes:
+        raise ExportError(f"{len(class_names)} class names for model.num_classes="
+                          f"{config.model.num_classes}: {class_names}")
+    input_types = list(inputs_lib.INPUT_TYPES) if extra_signatures else [input_type]
+    preprocessor = inputs_lib.Preprocessor(config.eval_data)
+    metadata = {
+        "format": "rfcn_tf SavedModel", "rfcn_tf_version": rfcn_tf.__version__,
+        "tensorflow_version": tf.__version__, "input_type": input_type,
+        "signatures": {SIGNATURE_KEY: input_type, **{t: t for t in input_types}},
+        "psroi_impl": psroi_impl, "class_names": class_names,
+        "preprocessing": preprocessor.as_dict(),
+        "max_detections": config.model.detection.max_detections,
+        "model": configs.to_dict(config.model),
+    }
     path = os.path.join(export_dir, str(version))
-    module = DetectionModule(detector, config.eval_data)
-    tf.saved_model.save(module, path, signatures={SIGNATURE_KEY: module.serve})
+    if os.path.exists(path):
+        logging.warning("export: replacing the existing %s", path)
+        shutil.rmtree(path)
+    previous_impl = detector.head.psroi_impl
+    detector.set_psroi_impl(psroi_impl)
+    try:
+        with tempfile.TemporaryDirectory() as asset_dir:
+            module = DetectionModule(detector, config.eval_data, input_types,
+                                     _write_assets(asset_dir, class_names, metadata))
+            signatures = {SIGNATURE_KEY: module.functions[input_type]}
+            if extra_signatures:
+                signatures.update(module.functions)
+            tf.saved_model.save(module, path, signatures=signatures)
+    finally:
+        detector.set_psroi_impl(previous_impl)
+    found = graph_ops.custom_ops(graph_ops.saved_model_op_types(path))
+    if psroi_impl == "portable" and found:
+        raise ExportError(f"the portable export {path} contains the custom ops {sorted(found)}")
     return path
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Training directory (its config.yaml and checkpoints).")
-flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory (default: model_dir's "
-                    "best checkpoint if there is one, else its latest).")
-flags.DEFINE_string("export_dir", None, "Output directory (default: model_dir/export).")
-flags.DEFINE_string("config_file", None, "Experiment YAML (default: model_dir/config.yaml).")
-flags.DEFINE_string("params_override", "", 'Overrides, "a.b=1,c.d=x".')
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, export_dir: str,
+                       version: Optional[int] = None, *, input_type: Optional[str] = None,
+                       psroi_impl: Optional[str] = None,
+                       class_names: Optional[Sequence[str]] = None) -> str:
+    """Restores a training checkpoint into a detector and exports it (export_detector);
+    version defaults to the checkpoint's step (the number in "ckpt-<step>"), else 1."""
     from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
-    if not FLAGS.model_dir and not (FLAGS.checkpoint and FLAGS.config_file):
-        raise app.UsageError("give --model_dir, or --checkpoint and --config_file")
-    config_file = FLAGS.config_file or os.path.join(FLAGS.model_dir, "config.yaml")
-    config = configs.load_config(config_file, FLAGS.params_override)
-    source = FLAGS.checkpoint
-    if source is None:
-        best = os.path.join(FLAGS.model_dir, "best")
-        source = best if tf.train.latest_checkpoint(best) else FLAGS.model_dir
-    checkpoint = loop.resolve_checkpoint(source)
-    export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
-    path = export_saved_model(config, checkpoint, export_dir)
-    print(f"\nWrote SavedModel {path} from {checkpoint} "
-          f"(signature '{SIGNATURE_KEY}': uint8 '{INPUT_NAME}' [B, H, W, 3] -> "
-          f"{', '.join(OUTPUT_KEYS)}; PSRoI pooling '{config.export.psroi_impl}')")
+    psroi_impl = psroi_impl or config.export.psroi_impl
+    _check_psroi_flavour(psroi_impl)
+    model_config = configs.from_dict(configs.ModelConfig, {
+        **configs.to_dict(config.model),
+        "head": {**configs.to_dict(config.model.head), "psroi_impl": psroi_impl}})
+    detector = loop.restore_detector(model_config, checkpoint_path)
+    if version is None:
+        suffix = checkpoint_path.rsplit("-", 1)[-1]
+        version = int(suffix) if suffix.isdigit() and int(suffix) > 0 else 1
+    return export_detector(detector, config, export_dir, version, input_type=input_type,
+                           psroi_impl=psroi_impl, class_names=class_names)
 
 
-if __name__ == "__main__":
-    app.run(main)
+def read_metadata(saved_model_dir: str) -> dict:
+    """assets/rfcn_export.json of an export ({} for a SavedModel without it)."""
+    path = os.path.join(saved_model_dir, "assets", METADATA_ASSET)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_class_names(saved_model_dir: str) -> Dict[int, str]:
+    """id -> name from assets/label_map.pbtxt ({} when there is none)."""
+    from rfcn_tf.data.label_map import read_label_map  # pylint: disable=import-outside-toplevel
+    path = os.path.join(saved_model_dir, "assets", LABEL_MAP_ASSET)
+    if not os.path.isfile(path):
+        return {}
+    label_map = read_label_map(path)
+    return {i: label_map.name_of(i) for i in label_map.ids}
+
+
+if __name__ == "__main__":  # the training job's entry point, kept: same flags as rfcn_tf.export
+    from rfcn_tf.export import cli  # pylint: disable=import-outside-toplevel
+    cli.run()
