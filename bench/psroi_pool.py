@@ -64,8 +64,8 @@ def ps_crop_and_resize(score_maps, rois, group_size, spatial_scale, samples_per_
 
     The k*k channel groups become separate images ([N*k*k, H, W, D]); every (RoI, bin)
     is one box on the image of its group, sampled on an s x s grid of bin-interior
-    points and averaged. Bins follow the op's RoI rounding and scaling; sample points
-    are at the centres of an s x s split of each bin (pixel centres at integer + 0.5).
+    points and averaged. Bins follow the op's RoI rounding and scaling (without its
+    integer snapping); the samples sit at the centres of an s x s split of each bin.
     Returns [R, k, k, D].
     """
     k, groups = group_size, group_size * group_size
@@ -82,7 +82,8 @@ def ps_crop_and_resize(score_maps, rois, group_size, spatial_scale, samples_per_
     bin_w = tf.maximum(x2 - x1, 0.1) / k
     bin_h = tf.maximum(y2 - y1, 0.1) / k
     steps = tf.range(k, dtype=tf.float32)
-    # Outermost sample points of bin t, in pixel-centre coordinates (centre of pixel p = p).
+    # Outermost sample points of bin t. In the op's coordinates pixel p spans [p, p + 1);
+    # crop_and_resize puts pixel p's centre at p, hence the - 0.5.
     inset = 0.5 / samples_per_bin
 
     def sample_span(start, size, extent):
@@ -94,8 +95,12 @@ def ps_crop_and_resize(score_maps, rois, group_size, spatial_scale, samples_per_
     ylo, yhi = sample_span(y1, bin_h, height)
     xlo, xhi = sample_span(x1, bin_w, width)
     num_rois = tf.shape(rois)[0]
-    tile = lambda t, axis: tf.broadcast_to(tf.expand_dims(t, axis), [num_rois, k, k])  # noqa
-    boxes = tf.stack([tile(ylo, 2), tile(xlo, 1), tile(yhi, 2), tile(xhi, 1)], axis=-1)
+
+    def per_bin(values, axis):  # [R, k] -> [R, k, k], constant along the other bin axis
+        return tf.broadcast_to(tf.expand_dims(values, axis), [num_rois, k, k])
+
+    boxes = tf.stack([per_bin(ylo, 2), per_bin(xlo, 1), per_bin(yhi, 2), per_bin(xhi, 1)],
+                     axis=-1)
     box_images = (tf.cast(rois[:, 0], tf.int32)[:, None, None] * groups
                   + tf.reshape(tf.range(groups), [1, k, k]))
     crops = tf.image.crop_and_resize(images, tf.reshape(boxes, [-1, 4]),

@@ -161,9 +161,9 @@ def psroi_pool(score_maps, rois, *, group_size, spatial_scale, implementation="a
     Raises:
       tf.errors.InvalidArgumentError: channels not a multiple of k*k, rois not [R, 5],
         a batch index that is not an integer in [0, N), a non-finite RoI value,
-        group_size < 1,
-        spatial_scale <= 0, or an unsupported dtype. Shapes known when tracing are
-        checked at once; the rest when the op runs, eagerly or in a tf.function.
+        group_size < 1, spatial_scale <= 0, or an unsupported dtype. Shapes known when
+        tracing are checked at once; the rest when the op runs, eagerly or in a
+        tf.function.
       ValueError: unknown implementation.
     """
     implementation = _resolve(implementation)
