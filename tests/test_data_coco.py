@@ -106,6 +106,7 @@ def test_dirty_annotations_are_counted(coco_set, tmp_path):
     dirty = json.loads(json.dumps(data))
     dirty["images"].append({"id": 11, "file_name": "11.jpg", "height": H, "width": W})
     dirty["images"].append({"id": 14, "file_name": "absent.jpg", "height": H, "width": W})
+    dirty["images"][2]["height"] = "tall"  # not a number: the image's own size is used
     dirty["annotations"] += [
         {"id": 3, "image_id": 12, "category_id": 3, "bbox": [1, 1, 5, 5]},    # duplicate id
         {"id": 4, "image_id": 99, "category_id": 3, "bbox": [1, 1, 5, 5]},    # unknown image

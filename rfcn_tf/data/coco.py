@@ -72,6 +72,14 @@ def category_ids(data: dict, label_map: LabelMap) -> Dict[int, int]:
             if label_map.name_of(i) in by_name}
 
 
+def _size(value) -> int:
+    """An image entry's height/width as an int; 0 (unknown) when missing or not a number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _box(bbox) -> Optional[List[float]]:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return None
@@ -132,7 +140,7 @@ def read_coco(annotation_file: str, image_dir: str, label_map: Optional[LabelMap
     records = []
     for image_id, entry in images.items():
         path = os.path.join(image_dir, entry["file_name"])
-        annotated = (int(entry.get("height") or 0), int(entry.get("width") or 0))
+        annotated = (_size(entry.get("height")), _size(entry.get("width")))
         size = validation.vet_image_file(path, annotated, image_check, entry["file_name"], report)
         if size is None:
             continue
