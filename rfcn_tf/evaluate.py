@@ -16,8 +16,9 @@ directory, or to the SavedModel's parent directory), and with
 
 A checkpoint is evaluated through the input pipeline in batches of
 eval.batch_size, and also reports the validation loss terms. A SavedModel is
-fed the original images one at a time (its serving signature resizes them);
-it needs eval_data in voc, coco or synthetic format.
+fed the original images one at a time through its uint8 image signature
+("image_tensor", else "serving_default"; it resizes them itself); it needs
+eval_data in voc, coco or synthetic format.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def _coco_category_map(config: configs.ExperimentConfig):
     return coco.category_ids(coco.load_json(config.eval_data.annotation_file), label_map)
 
 
+IMAGE_SIGNATURES = ("image_tensor", "serving_default")
+
+
+def _takes_uint8_images(signature) -> bool:
+    specs = list(signature.structured_input_signature[1].values())
+    return (len(specs) == 1 and specs[0].dtype == tf.uint8 and specs[0].shape.rank == 4)
+
+
 def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
                          keep_detections: bool) -> eval_loop.EvalOutput:
     from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
@@ -72,10 +81,16 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
                                   "must be in voc, coco or synthetic format, not tfrecord "
                                   "(evaluate the checkpoint instead)")
     loaded = tf.saved_model.load(saved_model)
-    if "serving_default" not in loaded.signatures:
-        raise configs.ConfigError(f"SavedModel {saved_model} has no 'serving_default' signature "
-                                  f"(has {list(loaded.signatures)})")
-    serve = loaded.signatures["serving_default"]
+    serve = None
+    for key in IMAGE_SIGNATURES:
+        candidate = loaded.signatures.get(key)
+        if candidate is not None and _takes_uint8_images(candidate):
+            serve = candidate
+            break
+    if serve is None:
+        raise configs.ConfigError(f"SavedModel {saved_model} has no signature taking uint8 "
+                                  f"images [B, H, W, 3] (looked for {list(IMAGE_SIGNATURES)}, "
+                                  f"found {list(loaded.signatures)})")
     source = sources.open_source(config.eval_data)
     names = [n or f"class_{i}" for i, n in enumerate(source.label_map.names, start=1)]
     metrics = eval_loop.build_metrics(config.eval.metrics, names, config.eval.iou_threshold,

@@ -42,8 +42,9 @@ echo "== 2/4 train and evaluate: ${MODEL_DIR}"
     --params_override="$OVERRIDE" --mode=train_and_eval
 
 echo "== 3/4 export SavedModel: ${MODEL_DIR}/export"
-"$PYTHON" -m rfcn_tf.export.saved_model --model_dir="$MODEL_DIR" \
-    --export_dir="$MODEL_DIR/export" --params_override="$OVERRIDE"
+# The best checkpoint (eval.best_metric) when there is one, else the latest.
+"$PYTHON" -m rfcn_tf.export --model_dir="$MODEL_DIR" --export_dir="$MODEL_DIR/export" \
+    --params_override="$OVERRIDE"
 
 echo "== 4/4 evaluate the exported SavedModel"
 EXPORTED="$(ls -d "$MODEL_DIR"/export/*/ | sort -V | tail -n 1)"

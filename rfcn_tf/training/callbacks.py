@@ -165,23 +165,27 @@ def read_best_metric(model_dir: str) -> Optional[dict]:
 
 
 class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
-    """BackupAndRestore saving every `save_freq` steps AND at every epoch end.
+    """BackupAndRestore saving every `save_freq` steps inside an epoch and at its end.
 
-    With an integer save_freq, tf_keras backs up only every N batches counted
-    from the start of the run, so a kill right after an epoch end would
-    resume inside the finished epoch and run its epoch end (evaluation,
-    checkpoint) a second time. Backing up at the epoch end as well makes a
-    resumed run start exactly at the next epoch. Nothing is backed up after
-    the run diverged.
+    tf_keras, with an integer save_freq, backs up every N batches counted from
+    the start of the run, whatever the epoch. Here the last batch of an epoch
+    is never backed up on its own; the epoch end is, after the other
+    callbacks' epoch-end work (put this callback last). So a run killed after
+    an epoch end resumes exactly at the next epoch, and one killed during the
+    epoch-end work (evaluation, checkpoints) resumes a few steps before it and
+    redoes it, instead of skipping it. Nothing is backed up after the run
+    diverged.
     """
 
     def on_train_batch_end(self, batch, logs=None):
-        if not _diverged(self.model):
+        if not _diverged(self.model) and batch != self.params["steps"] - 1:
             super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
+        # The saved counters are this epoch and its last batch index, which
+        # tf_keras restores as "start epoch + 1 at batch 0".
         if not _diverged(self.model):
-            self._backup(epoch=epoch, batch=self.params["steps"] - 1)
+            self._backup(epoch=epoch)
 
 
 class TrainingLog(tf_keras.callbacks.Callback):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -158,9 +158,14 @@ def _check_model_config(config: configs.ExperimentConfig, model_dir: str) -> Non
 # ------------------------------------------------------------- training ----
 
 
-def run_training(config: configs.ExperimentConfig, model_dir: str,
-                 evaluate: bool) -> TrainingSummary:
-    """Trains (and optionally evaluates) `config` in `model_dir`; see the module docstring."""
+def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
+                 extra_callbacks: Sequence[tf_keras.callbacks.Callback] = ()
+                 ) -> TrainingSummary:
+    """Trains (and optionally evaluates) `config` in `model_dir`; see the module docstring.
+
+    extra_callbacks run after the built-in ones; their `model` is the
+    DetectionTrainer (`model.detector` is the R-FCN model).
+    """
     started = time.time()
     train = config.train
     optimizer_lib.set_precision_policy(train.mixed_precision)
@@ -193,27 +198,28 @@ def run_training(config: configs.ExperimentConfig, model_dir: str,
 
     latest_cb = callbacks_lib.LatestCheckpoint(checkpoint, model_dir,
                                                train.max_checkpoints_to_keep, strategy)
-    cbs: List[tf_keras.callbacks.Callback] = [
-        callbacks_lib.StopOnNaN(),
-        callbacks_lib.EpochAlignedBackupAndRestore(
-            os.path.join(model_dir, "backup"),
-            save_freq=min(train.checkpoint_every_steps, train.steps_per_epoch)),
-        callbacks_lib.TrainingLog(model_dir, strategy),
-    ]
-    eval_cb, evaluator = None, None
+    eval_cb, evaluator, best_cb = None, None, None
     if evaluate:
         evaluator = make_evaluator(config, trainer)
         eval_cb = callbacks_lib.PeriodicEvaluation(
             evaluator, train.eval_every_epochs,
             os.path.join(model_dir, "logs"), logged_metric_names(config.eval.iou_threshold),
             strategy)
-        cbs.append(eval_cb)
-    best_cb = callbacks_lib.BestCheckpoint(checkpoint, model_dir, config.eval.best_metric,
-                                           strategy) if evaluate else None
-    cbs += [latest_cb] + ([best_cb] if best_cb else []) + [
-        tf_keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
-                                       update_freq=train.summary_every_steps,
-                                       write_graph=False, profile_batch=0)]
+        best_cb = callbacks_lib.BestCheckpoint(checkpoint, model_dir, config.eval.best_metric,
+                                               strategy)
+    # Order matters at an epoch end: evaluation adds val_* logs that the checkpoints,
+    # the log file and TensorBoard read; the fault-tolerance backup comes last, so a
+    # run killed during the epoch-end work redoes it (see EpochAlignedBackupAndRestore).
+    cbs: List[tf_keras.callbacks.Callback] = [callbacks_lib.StopOnNaN()]
+    cbs += [cb for cb in (eval_cb, latest_cb, best_cb) if cb is not None]
+    cbs += [callbacks_lib.TrainingLog(model_dir, strategy),
+            tf_keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
+                                           update_freq=train.summary_every_steps,
+                                           write_graph=False, profile_batch=0)]
+    cbs += list(extra_callbacks)
+    cbs.append(callbacks_lib.EpochAlignedBackupAndRestore(
+        os.path.join(model_dir, "backup"),
+        save_freq=min(train.checkpoint_every_steps, train.steps_per_epoch)))
 
     final_logs = None
     unfinished = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))

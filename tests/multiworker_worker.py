@@ -1,0 +1,43 @@
+"""One worker of the 2-process MultiWorkerMirroredStrategy test (run as a script).
+
+  TF_CONFIG=... python tests/multiworker_worker.py CONFIG_FILE MODEL_DIR OVERRIDE WEIGHTS_NPZ
+
+Trains with rfcn_tf.training.loop.run_training (train.distribution must be
+"multi_worker") and, when training ends, saves this worker's detector
+weights to WEIGHTS_NPZ (trainable ones as "t<i>", the others as "n<i>") and
+its final step as "step" and the strategy's replica count as "replicas".
+"""
+
+import sys
+
+import numpy as np
+
+import rfcn_tf  # noqa: F401
+import tf_keras
+
+from rfcn_tf import configs
+from rfcn_tf.training import loop
+
+
+class SaveWeights(tf_keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_end(self, logs=None):
+        detector = self.model.detector
+        arrays = {f"t{i}": v.numpy() for i, v in enumerate(detector.trainable_variables)}
+        arrays.update({f"n{i}": v.numpy() for i, v in enumerate(detector.non_trainable_variables)})
+        arrays["step"] = np.array(int(self.model.optimizer.iterations.numpy()))
+        arrays["replicas"] = np.array(self.model.distribute_strategy.num_replicas_in_sync)
+        np.savez(self.path, **arrays)
+
+
+def main(config_file, model_dir, override, weights_path):
+    config = configs.load_config(config_file, override)
+    loop.run_training(config, model_dir, evaluate=False,
+                      extra_callbacks=[SaveWeights(weights_path)])
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

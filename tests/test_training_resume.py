@@ -1,0 +1,107 @@
+"""Fault tolerance: SIGKILL in the middle of an epoch, restart, same end; re-runs continue."""
+
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from training_helpers import (ensure_synthetic, python_env, read_train_log, run, tiny_override,
+                              train_command, REPO)
+
+pytestmark = pytest.mark.slow
+
+STEPS_PER_EPOCH = 6
+EPOCHS = 3
+
+
+def _backup_position(model_dir):
+    """(epoch, batch) saved in the BackupAndRestore checkpoint, or None while there is none."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
+    if latest is None:
+        return None
+    try:
+        return (int(tf.train.load_variable(latest, "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")),
+                int(tf.train.load_variable(latest, "ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE")))
+    except (tf.errors.OpError, ValueError):  # caught while being rewritten
+        return None
+
+
+def _epoch_ends(model_dir):
+    return [(r["epoch"], r["step"]) for r in read_train_log(model_dir) if r["event"] == "epoch_end"]
+
+
+def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
+    ensure_synthetic(tmp_path / "data")
+    model_dir = str(tmp_path / "run")
+    override = tiny_override(tmp_path / "data", steps=STEPS_PER_EPOCH * EPOCHS,
+                             steps_per_epoch=STEPS_PER_EPOCH)
+    command = train_command(model_dir, override)
+
+    process = subprocess.Popen(command, cwd=REPO, env=python_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and process.poll() is None:
+            position = _backup_position(model_dir)
+            # A backup inside the second epoch, at least 2 batches before its end.
+            if position and position[0] == 1 and 0 <= position[1] <= STEPS_PER_EPOCH - 3:
+                process.send_signal(signal.SIGKILL)
+                killed_at = position
+                break
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None and killed_at is None:
+            process.kill()
+        process.wait(timeout=30)
+    assert killed_at is not None, "training finished or stalled before a mid-epoch backup"
+    assert process.returncode == -signal.SIGKILL
+    ends_before = _epoch_ends(model_dir)
+    assert ends_before == [(0, STEPS_PER_EPOCH)], ends_before
+
+    result = run(command)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    log = read_train_log(model_dir)
+    begins = [r for r in log if r["event"] == "train_begin"]
+    assert len(begins) == 2
+    # The restart resumed inside epoch 1, after the backed-up batch (or later, if a
+    # newer backup landed between our read and the kill), not at the epoch start.
+    assert begins[1]["epoch"] == 1
+    assert STEPS_PER_EPOCH + killed_at[1] + 1 <= begins[1]["step"] < 2 * STEPS_PER_EPOCH
+    # Each epoch ended exactly once, at the right global step, and training ended
+    # at the configured total.
+    assert _epoch_ends(model_dir) == [(e, (e + 1) * STEPS_PER_EPOCH) for e in range(EPOCHS)]
+    assert log[-1]["event"] == "train_end" and log[-1]["step"] == STEPS_PER_EPOCH * EPOCHS
+    assert os.path.isfile(os.path.join(model_dir, f"ckpt-{STEPS_PER_EPOCH * EPOCHS}.index"))
+    assert not glob.glob(os.path.join(model_dir, "backup", "chief", "*.index"))
+
+    # Re-running a finished run does not train again ...
+    result = run(command)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "already trained to step 18" in result.stdout
+    assert len(_epoch_ends(model_dir)) == EPOCHS
+    # ... and asking for more steps continues from the last checkpoint.
+    more = tiny_override(tmp_path / "data", steps=STEPS_PER_EPOCH * (EPOCHS + 1),
+                         steps_per_epoch=STEPS_PER_EPOCH)
+    result = run(train_command(model_dir, more))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"Continuing from {model_dir}/ckpt-18 (step 18, epoch 4 of 4)" in result.stdout
+    assert _epoch_ends(model_dir)[-1] == (EPOCHS, STEPS_PER_EPOCH * (EPOCHS + 1))
+    assert [r["step"] for r in read_train_log(model_dir) if r["event"] == "train_begin"][-1] == 18
+
+
+def test_a_different_model_in_an_existing_model_dir_is_refused(tmp_path):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
+    saved = configs.load_config(os.path.join(REPO, "configs", "rfcn_synthetic.yaml"),
+                                tiny_override(tmp_path / "data"))
+    configs.save_config(saved, str(model_dir / "config.yaml"))
+    result = run(train_command(str(model_dir), tiny_override(
+        tmp_path / "data", extra="model.head.group_size=5")), timeout=120)
+    assert result.returncode != 0
+    assert "model.head differ" in result.stderr and "new --model_dir" in result.stderr
