@@ -1,0 +1,159 @@
+"""The training callbacks on a toy model whose loss is scripted step by step."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import rfcn_tf  # noqa: F401
+import tensorflow as tf
+import tf_keras
+
+from rfcn_tf.training import callbacks as cb
+from rfcn_tf.training import distribution
+
+
+class ScriptedModel(tf_keras.Model):
+    """One weight; train_step reports loss = script[step] (NaN allowed), then takes an SGD step."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.w = tf.Variable(1.0)
+        self.script = tf.constant(script, tf.float32)
+
+    def call(self, x):
+        return x * self.w
+
+    def train_step(self, data):
+        step = self.optimizer.iterations
+        loss = self.script[tf.minimum(step, len(self.script) - 1)]
+        self.optimizer.apply_gradients([(tf.constant(1.0), self.w)])
+        return {"loss": loss, "learning_rate": tf.constant(0.1)}
+
+
+def _fit(model, callbacks, epochs, steps, initial_epoch=0):
+    data = tf.data.Dataset.from_tensors(0.0).repeat()
+    return model.fit(data, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks,
+                     initial_epoch=initial_epoch, verbose=0)
+
+
+def _toy(script):
+    model = ScriptedModel(script)
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.1))
+    model(tf.constant(1.0))
+    model.optimizer.build([model.w])
+    return model
+
+
+def test_nan_stops_training_with_a_clear_message_and_no_checkpoint(tmp_path, capsys):
+    script = [1.0, 1.0, 1.0, 1.0, float("nan"), 1.0, 1.0, 1.0]
+    model = _toy(script)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    strategy = tf.distribute.get_strategy()
+    latest = cb.LatestCheckpoint(checkpoint, str(tmp_path), 3, strategy)
+    backup = cb.EpochAlignedBackupAndRestore(str(tmp_path / "backup"), save_freq=1,
+                                             delete_checkpoint=False)
+    _fit(model, [cb.StopOnNaN(), latest, backup], epochs=4, steps=2)
+    message = model.diverged_message
+    assert message.startswith("training diverged at step 5 (epoch 3, batch 1)")
+    assert "loss=nan" in message and "learning rate 0.1" in message
+    assert "train.optimizer.learning_rate" in message and "clip_norm" in message
+    assert "ERROR: training diverged" in capsys.readouterr().out
+    assert int(model.optimizer.iterations.numpy()) == 5  # no step after the NaN one
+    # Epochs 1 and 2 ended normally; the diverged epoch 3 wrote no checkpoint.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-4")
+    # The last backup is from before the divergence (step 4, the end of epoch 2).
+    saved = tf.train.latest_checkpoint(str(tmp_path / "backup" / "chief"))
+    assert int(tf.train.load_variable(saved, "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 1
+
+
+def test_best_checkpoint_keeps_the_maximum_across_restarts(tmp_path):
+    strategy = tf.distribute.get_strategy()
+    model = _toy([1.0])
+    checkpoint = tf.train.Checkpoint(model=model)
+    values = iter([0.3, 0.5, 0.4, math.nan])
+
+    class FakeEval(tf_keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_" + cb.log_key("voc07_mAP@0.5")] = next(values)
+
+    best = cb.BestCheckpoint(checkpoint, str(tmp_path), "voc07_mAP@0.5", strategy)
+    _fit(model, [FakeEval(), best], epochs=2, steps=1)
+    assert best.best["value"] == 0.5 and best.best["step"] == 2
+    # A new run (new callback objects) reads best_metric.json and keeps step 2's
+    # checkpoint when 0.4 and NaN come in.
+    best = cb.BestCheckpoint(checkpoint, str(tmp_path), "voc07_mAP@0.5", strategy)
+    _fit(model, [FakeEval(), best], epochs=4, steps=1, initial_epoch=2)
+    with open(tmp_path / "best" / cb.BEST_METRIC_FILE, encoding="utf-8") as f:
+        stored = json.load(f)
+    assert stored == {"metric": "voc07_mAP@0.5", "value": 0.5, "step": 2,
+                      "checkpoint": os.path.join(str(tmp_path), "best", "ckpt-2")}
+    assert tf.train.latest_checkpoint(str(tmp_path / "best")).endswith("ckpt-2")
+
+
+def test_periodic_evaluation_schedule_logs_and_summaries(tmp_path):
+    calls = []
+
+    def evaluate():
+        calls.append(True)
+        results = {"voc07_mAP@0.5": 0.25 * len(calls), "voc07_AP@0.5/cat": 0.5, "AP": math.nan}
+        return results, np.zeros([2, 8, 8, 3], np.uint8)
+
+    seen = {}
+
+    class Record(tf_keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen[epoch] = {k: v for k, v in logs.items() if k.startswith("val_")}
+
+    evaluation = cb.PeriodicEvaluation(evaluate, every_epochs=2, log_dir=str(tmp_path),
+                                       log_metrics=["voc07_mAP@0.5", "AP", "APs"],
+                                       strategy=tf.distribute.get_strategy())
+    _fit(_toy([1.0]), [evaluation, Record()], epochs=5, steps=1)
+    # After epochs 2 and 4 (every 2) and 5 (the last).
+    assert len(calls) == 3
+    assert seen[0] == {} and seen[2] == {}
+    assert seen[1]["val_voc07_mAP_0.5"] == 0.25 and seen[4]["val_voc07_mAP_0.5"] == 0.75
+    assert "val_APs" not in seen[1] and math.isnan(seen[1]["val_AP"])
+    assert evaluation.last_step == 5
+    from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=import-outside-toplevel
+    (path,) = tf.io.gfile.glob(str(tmp_path / "eval" / "events.*"))
+    acc = ea.EventAccumulator(path, size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("voc07_mAP_0.5")] == [2, 4, 5]
+    assert "voc07_AP_0.5/cat" in acc.Tags()["tensors"] and "AP" not in acc.Tags()["tensors"]
+    assert "detections" in acc.Tags()["tensors"]
+
+
+def test_training_log_records_start_and_epoch_ends(tmp_path):
+    model = _toy([2.0, 1.0])
+    _fit(model, [cb.TrainingLog(str(tmp_path), tf.distribute.get_strategy())], epochs=2, steps=1)
+    with open(tmp_path / cb.TRAIN_LOG_FILE, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert [(r["event"], r.get("epoch"), r["step"]) for r in records] == [
+        ("train_begin", 0, 0), ("epoch_end", 0, 1), ("epoch_end", 1, 2), ("train_end", None, 2)]
+    assert records[1]["loss"] == 2.0 and records[2]["loss"] == 1.0
+
+
+def test_non_chief_writes_to_a_private_directory():
+    class Resolver:
+        def __init__(self, task_type, task_id, cluster):
+            self.task_type, self.task_id, self._cluster = task_type, task_id, cluster
+
+        def cluster_spec(self):
+            return tf.train.ClusterSpec(self._cluster)
+
+    class Strategy:
+        def __init__(self, resolver):
+            self.cluster_resolver = resolver
+
+    workers = {"worker": ["a:1", "b:2"]}
+    chief = Strategy(Resolver("worker", 0, workers))
+    other = Strategy(Resolver("worker", 1, workers))
+    assert distribution.is_chief(chief) and not distribution.is_chief(other)
+    assert distribution.write_dir("/m", chief) == "/m"
+    assert distribution.write_dir("/m", other) == "/m/.worker_worker_1"
+    with_chief = {"chief": ["c:0"], "worker": ["a:1"]}
+    assert not distribution.is_chief(Strategy(Resolver("worker", 0, with_chief)))
+    assert distribution.is_chief(Strategy(Resolver("chief", 0, with_chief)))
