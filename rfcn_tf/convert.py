@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List
-
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 from absl import app, flags, logging
 
-from rfcn_tf.export import saved_model as saved_model_lib
 from rfcn_tf.export import tflite
 
 FORMATS = ("tflite", "onnx", "tftrt")
@@ -55,36 +52,6 @@ flags.DEFINE_integer("opset", 17, "ONNX opset.")
 flags.DEFINE_enum("precision", "FP16", ["FP32", "FP16"], "TF-TRT precision.")
 
 
-def default_input_size(saved_model_dir: str):
-    """(H, W) for TFLite from the export's preprocessing: padded_size, else a square of
-    short_side."""
-    pre = saved_model_lib.read_metadata(saved_model_dir).get("preprocessing")
-    if not pre:
-        raise tflite.ConversionError(f"{saved_model_dir} has no rfcn_export.json; give "
-                                     "--input_size=H,W")
-    if pre.get("padded_size"):
-        return tuple(pre["padded_size"])
-    side = int(pre["short_side"])
-    return side, side
-
-
-def parse_variants(text: str) -> List[str]:
-    variants = list(tflite.VARIANTS) if text.strip() == "all" else [
-        v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in tflite.VARIANTS]
-    if unknown or not variants:
-        raise tflite.ConversionError(f"--tflite_variants must name some of {tflite.VARIANTS} "
-                                     f"or be 'all', got {text!r}")
-    return variants
-
-
-def variant_paths(output: str, variants: List[str]) -> Dict[str, str]:
-    if len(variants) == 1:
-        return {variants[0]: output}
-    stem, ext = os.path.splitext(output)
-    return {v: f"{stem}_{v}{ext or '.tflite'}" for v in variants}
-
-
 def _representative(input_size):
     if FLAGS.representative_images:
         paths = tflite.glob_images(FLAGS.representative_images, FLAGS.num_calibration_images)
@@ -101,10 +68,10 @@ def _representative(input_size):
 
 def run_tflite() -> None:
     size = (tflite.parse_input_size(FLAGS.input_size) if FLAGS.input_size
-            else default_input_size(FLAGS.saved_model))
-    variants = parse_variants(FLAGS.tflite_variants)
+            else tflite.default_input_size(FLAGS.saved_model))
+    variants = tflite.parse_variants(FLAGS.tflite_variants)
     representative = _representative(size) if "full_int8" in variants else None
-    results = tflite.convert(FLAGS.saved_model, variant_paths(FLAGS.output, variants), size,
+    results = tflite.convert(FLAGS.saved_model, tflite.variant_paths(FLAGS.output, variants), size,
                              representative)
     print(f"\nTFLite models of {FLAGS.saved_model} (input uint8 [1, {size[0]}, {size[1]}, 3], "
           "builtin ops only):")

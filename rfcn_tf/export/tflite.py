@@ -81,6 +81,39 @@ def parse_input_size(text: str) -> Tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+def default_input_size(saved_model_dir: str) -> Tuple[int, int]:
+    """(H, W) from the export's preprocessing (assets/rfcn_export.json): padded_size,
+    else a square of short_side."""
+    from rfcn_tf.export import saved_model as saved_model_lib  # pylint: disable=import-outside-toplevel
+    pre = saved_model_lib.read_metadata(saved_model_dir).get("preprocessing")
+    if not pre:
+        raise ConversionError(f"{saved_model_dir} has no rfcn_export.json; give "
+                              "--input_size=H,W")
+    if pre.get("padded_size"):
+        return tuple(pre["padded_size"])
+    side = int(pre["short_side"])
+    return side, side
+
+
+def parse_variants(text: str) -> List[str]:
+    """"float32,full_int8" or "all" -> variant names; ConversionError for unknown ones."""
+    variants = list(VARIANTS) if text.strip() == "all" else [
+        v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ConversionError(f"TFLite variants must name some of {VARIANTS} "
+                              f"or be 'all', got {text!r}")
+    return variants
+
+
+def variant_paths(output: str, variants: List[str]) -> Dict[str, str]:
+    """One variant: {variant: output}; several: <output stem>_<variant>.tflite each."""
+    if len(variants) == 1:
+        return {variants[0]: output}
+    stem, ext = os.path.splitext(output)
+    return {v: f"{stem}_{v}{ext or '.tflite'}" for v in variants}
+
+
 def image_signature(loaded, saved_model_dir: str):
     """The export's signature taking uint8 images (image_tensor, else serving_default)."""
     for key in IMAGE_SIGNATURES:

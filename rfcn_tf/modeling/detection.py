@@ -48,7 +48,8 @@ class RfcnDetectionGenerator(tf_keras.layers.Layer):
         the ORIGINAL image (image_info[:, 0]), in [0, 1];
       detection_scores float32 [B, D]; detection_classes float32 [B, D], 1-based;
       num_detections float32 [B]. D = max_detections; entries past
-      num_detections are zero.
+      num_detections are zero. Detections whose clipped box has no area are
+      dropped.
       detection_boxes_resized float32 [B, D, 4]: the same boxes in pixels of
         the resized input image.
     """
@@ -81,16 +82,27 @@ class RfcnDetectionGenerator(tf_keras.layers.Layer):
             box_deltas, class_logits, rois, image_shape,
             regression_weights=roi_targets.box_weights_from_stds(cfg["box_stds"]),
             bbox_per_class=box_deltas.shape[-1] != 4)
-        num = out["num_detections"]
-        present = tf.range(cfg["max_detections"])[None, :] < num[:, None]  # [B, D]
-        boxes = tf.where(present[..., None], out["detection_boxes"], 0.0)
+        return self._drop_empty_boxes(out, image_info)
+
+    def _drop_empty_boxes(self, out, image_info):
+        """Removes detections whose clipped box has no area, keeps the score order."""
+        max_detections = self._config_dict["max_detections"]
+        present = tf.range(max_detections)[None, :] < out["num_detections"][:, None]  # [B, D]
+        boxes = out["detection_boxes"]
+        present &= (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+        # Present detections first, each group in its original (score) order.
+        rank = tf.where(present, 2 * max_detections, max_detections) - tf.range(max_detections)
+        order = tf.math.top_k(rank, k=max_detections).indices
+        present = tf.gather(present, order, batch_dims=1)
+        boxes = tf.where(present[..., None], tf.gather(boxes, order, batch_dims=1), 0.0)
+        scores = tf.gather(out["detection_scores"], order, batch_dims=1)
+        classes = tf.cast(tf.gather(out["detection_classes"], order, batch_dims=1), tf.float32)
         normalized = tf.where(present[..., None], to_original_normalized(boxes, image_info), 0.0)
         return {
             "detection_boxes": normalized,
-            "detection_scores": tf.where(present, out["detection_scores"], 0.0),
-            "detection_classes": tf.where(present, tf.cast(out["detection_classes"], tf.float32),
-                                          0.0),
-            "num_detections": tf.cast(num, tf.float32),
+            "detection_scores": tf.where(present, scores, 0.0),
+            "detection_classes": tf.where(present, classes, 0.0),
+            "num_detections": tf.reduce_sum(tf.cast(present, tf.float32), axis=1),
             "detection_boxes_resized": boxes,
         }
 

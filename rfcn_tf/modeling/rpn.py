@@ -58,7 +58,8 @@ class ProposalGenerator(tf_keras.layers.Layer):
 
     Steps (per image, batched): sigmoid scores; decode deltas at the anchors
     (official.vision box_ops.decode_boxes); clip to the true image size; drop
-    boxes with a side <= min_box_size (or a centre outside the image); keep the
+    boxes with a side <= min_box_size or < 1 pixel (or a centre outside the
+    image); keep the
     pre_nms_top_k best; NMS at nms_iou (official.vision's
     sorted_non_max_suppression_padded); keep the first num_proposals.
 
@@ -94,8 +95,12 @@ class ProposalGenerator(tf_keras.layers.Layer):
         boxes = box_ops.decode_boxes(deltas, anchors[None])
         boxes = box_ops.clip_boxes(boxes, image_shape)
         boxes, kept_scores = box_ops.filter_boxes(boxes, scores, image_shape, cfg["min_box_size"])
-        dropped = tf.reduce_all(tf.equal(boxes, 0.0), axis=-1)
-        kept_scores = tf.where(dropped, -tf.ones_like(kept_scores), kept_scores)
+        # Boxes under one pixel are always dropped: at the image border their
+        # PSRoI bins can all fall outside the map, pool to zeros and so get a
+        # uniform class distribution, i.e. a spurious detection.
+        keep = ((boxes[..., 2] - boxes[..., 0] >= 1.0) & (boxes[..., 3] - boxes[..., 1] >= 1.0))
+        boxes = tf.where(keep[..., None], boxes, tf.zeros_like(boxes))
+        kept_scores = tf.where(keep, kept_scores, -tf.ones_like(kept_scores))
 
         k = tf.minimum(pre_nms_top_k, tf.shape(kept_scores)[1])
         boxes, kept_scores = box_ops.top_k_boxes(boxes, kept_scores, k=k)

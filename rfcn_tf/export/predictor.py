@@ -1,0 +1,103 @@
+"""Running an exported detector on image files: JSON records and drawn PNGs per image
+(the library behind `python -m rfcn_tf.predict`).
+
+A custom-op export loads the compiled PSRoIPool library first; the export's uint8
+image signature is used when it has one, else its serving_default with whatever
+input type it takes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+from tqdm import tqdm
+
+from rfcn_tf.export import drawing, graph_ops
+from rfcn_tf.export import saved_model as saved_model_lib
+
+
+def list_images(patterns: str) -> List[str]:
+    """Sorted, de-duplicated files matching the comma-separated globs."""
+    paths = set()
+    for pattern in (p.strip() for p in patterns.split(",")):
+        if pattern:
+            paths.update(p for p in glob.glob(pattern) if os.path.isfile(p))
+    return sorted(paths)
+
+
+def load_detector(saved_model_dir: str) -> Tuple[Callable[[bytes], Tuple[np.ndarray, Dict]],
+                                                 Dict[int, str]]:
+    """(detect, class names). detect(file bytes) -> (uint8 image [H, W, 3], outputs as
+    NumPy arrays with a batch axis). Uses the export's uint8 image signature when it has
+    one, else its serving_default whatever its input type. A custom-op export needs
+    the compiled op library (loaded here; its error says how to build it)."""
+    if graph_ops.custom_ops(graph_ops.saved_model_op_types(saved_model_dir)):
+        from rfcn_tf.ops import op_library  # pylint: disable=import-outside-toplevel
+        op_library.load()
+    loaded = tf.saved_model.load(saved_model_dir)
+    metadata = saved_model_lib.read_metadata(saved_model_dir)
+    signature_types = metadata.get("signatures", {"serving_default": "image_tensor"})
+    key = "image_tensor" if "image_tensor" in loaded.signatures else "serving_default"
+    function = loaded.signatures[key]
+    input_type = signature_types.get(key, "image_tensor")
+
+    def detect(data: bytes):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        if input_type == "image_tensor":
+            feed = image[None]
+        elif input_type == "tf_example":
+            example = tf.train.Example(features=tf.train.Features(feature={
+                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))}))
+            feed = tf.constant([example.SerializeToString()])
+        else:
+            feed = tf.constant([data])
+        outputs = function(input_tensor=feed)
+        return image.numpy(), {k: v.numpy() for k, v in outputs.items()}
+
+    return detect, saved_model_lib.read_class_names(saved_model_dir)
+
+
+def _output_stem(path: str, used: set) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    candidate, n = stem, 1
+    while candidate in used:
+        candidate, n = f"{stem}_{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def predict_files(saved_model_dir: str, paths: List[str], output_dir: str,
+                  min_score: float = 0.3, show_progress: bool = True) -> Dict[str, object]:
+    """Writes <stem>.png and <stem>.json per image into output_dir; returns
+    {"written": [json paths], "skipped": {path: reason}, "detections": count}."""
+    detect, class_names = load_detector(saved_model_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    written, skipped, total, used = [], {}, 0, set()
+    for path in tqdm(paths, desc="predicting", unit="image", disable=not show_progress):
+        try:
+            with open(path, "rb") as f:
+                image, outputs = detect(f.read())
+        except (OSError, tf.errors.InvalidArgumentError) as error:
+            reason = str(error).strip().splitlines()[0][:200]
+            logging.warning("skipping %s: %s", path, reason)
+            skipped[path] = reason
+            continue
+        height, width = image.shape[:2]
+        records = drawing.detection_records(outputs, height, width, class_names, min_score)
+        total += len(records)
+        stem = _output_stem(path, used)
+        Image.fromarray(drawing.draw_detections(image, records)).save(
+            os.path.join(output_dir, stem + ".png"))
+        json_path = os.path.join(output_dir, stem + ".json")
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump({"image": os.path.abspath(path), "height": height, "width": width,
+                       "min_score_thresh": min_score, "detections": records}, f, indent=2)
+        written.append(json_path)
+    return {"written": written, "skipped": skipped, "detections": total}

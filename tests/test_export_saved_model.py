@@ -1,0 +1,263 @@
+"""SavedModel export: layout and assets, the signatures against the in-process model,
+preprocessing identical to the evaluation pipeline's, a fresh Python without rfcn_tf,
+stock-ops-only graphs, saved_model_cli, the custom-op flavour and the export command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import export_fixtures as ef
+import rfcn_tf  # noqa: F401
+import tensorflow as tf
+
+from rfcn_tf.data import preprocess
+from rfcn_tf.export import graph_ops, inputs, saved_model
+
+
+@pytest.fixture(scope="session")
+def export_path(tmp_path_factory):
+    return ef.exported(str(tmp_path_factory.mktemp("export")))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The in-process detector's outputs on the scene (what every route must reproduce)."""
+    config, detector = ef.trained()
+    batch = ef._training_batch(config)  # pylint: disable=protected-access
+    outputs = detector({"images": batch["images"], "image_info": batch["image_info"]},
+                       training=False)
+    return {k: outputs[k].numpy() for k in saved_model.OUTPUT_KEYS}
+
+
+@pytest.fixture(scope="session")
+def loaded(export_path):
+    return tf.saved_model.load(export_path)
+
+
+def encoded_png(image: np.ndarray) -> bytes:
+    return tf.io.encode_png(image).numpy()
+
+
+def example_bytes(encoded: bytes) -> bytes:
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
+    )).SerializeToString()
+
+
+def assert_same_detections(actual, expected, atol=1e-4):
+    for key in saved_model.OUTPUT_KEYS:
+        np.testing.assert_allclose(np.asarray(actual[key]), np.asarray(expected[key]), atol=atol,
+                                   err_msg=key)
+
+
+def test_layout_assets_and_metadata(export_path):
+    assert os.path.basename(export_path) == "1"  # export_dir/<version>, TF Serving's layout
+    for name in ("saved_model.pb", "variables/variables.index", "assets/label_map.pbtxt",
+                 "assets/rfcn_export.json"):
+        assert os.path.isfile(os.path.join(export_path, name)), name
+    assert saved_model.read_class_names(export_path) == {1: "square", 2: "bar"}
+    meta = saved_model.read_metadata(export_path)
+    assert meta["psroi_impl"] == "portable" and meta["input_type"] == "image_tensor"
+    assert meta["preprocessing"]["short_side"] == ef.IMAGE_SIZE
+    assert meta["signatures"]["serving_default"] == "image_tensor"
+
+
+def test_scene_is_detected(reference):
+    """The fixture model is meaningful: both objects found, right classes, tight boxes."""
+    boxes, scores, classes = ef.top_detections(reference, min_score=0.5)
+    assert sorted(classes.tolist()) == [1.0, 2.0]
+    for gt, cls in zip(ef.GT_BOXES / ef.IMAGE_SIZE, ef.GT_CLASSES):
+        match = boxes[classes == cls]
+        assert ef.iou(match, gt[None].repeat(len(match), 0)).max() > 0.7
+
+
+def test_every_signature_matches_the_in_process_model(loaded, reference):
+    image = ef.scene()
+    assert set(loaded.signatures) == {"serving_default", *inputs.INPUT_TYPES}
+    feeds = {
+        "serving_default": tf.constant(image[None]),
+        "image_tensor": tf.constant(image[None]),
+        "encoded_image_string_tensor": tf.constant([encoded_png(image)]),
+        "tf_example": tf.constant([example_bytes(encoded_png(image))]),
+    }
+    for name, feed in feeds.items():
+        outputs = loaded.signatures[name](input_tensor=feed)
+        assert sorted(outputs) == sorted(saved_model.OUTPUT_KEYS), name
+        assert all(v.dtype == tf.float32 for v in outputs.values())
+        assert_same_detections({k: v.numpy() for k, v in outputs.items()}, reference)
+
+
+def test_serving_preprocessing_equals_the_evaluation_pipeline():
+    """In-graph preprocessing == rfcn_tf.data.preprocess as the eval pipeline chains it,
+    bit for bit, on a non-square image that needs resizing and padding."""
+    config = ef.tiny_config("eval_data.short_side=100,eval_data.max_side=150")
+    image = np.random.default_rng(3).integers(0, 256, (90, 170, 3), dtype=np.uint8)
+    served, info = inputs.Preprocessor(config.eval_data)(tf.constant(image[None]))
+    size = preprocess.scaled_size(tf.shape(image)[:2], 100.0, 150.0)
+    expected = preprocess.pad(preprocess.normalize(preprocess.resize(tf.constant(image), size)),
+                              16)
+    assert served.shape[1:] == expected.shape == (80, 160, 3)  # 79x150 padded to 16s
+    np.testing.assert_array_equal(served[0].numpy(), expected.numpy())
+    np.testing.assert_allclose(info[0].numpy(),
+                               preprocess.image_info(tf.shape(image)[:2], size).numpy())
+
+
+FRESH_PROCESS = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import op_def_pb2
+from tensorflow.python.client import pywrap_tf_session as c
+ops = op_def_pb2.OpList()
+ops.ParseFromString(c.TF_GetBuffer(c.TF_GetAllOpList()))
+loaded = tf.saved_model.load(sys.argv[1])
+out = loaded.signatures["serving_default"](input_tensor=tf.constant(np.load(sys.argv[2])))
+print(json.dumps({"rfcn_tf_imported": any(m.startswith("rfcn_tf") for m in sys.modules),
+                  "registered_ops": sorted(o.name for o in ops.op),
+                  "outputs": {k: v.numpy().tolist() for k, v in out.items()}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process(export_path, tmp_path_factory):
+    """Runs FRESH_PROCESS in a new interpreter outside the repository (no rfcn_tf)."""
+    work = tmp_path_factory.mktemp("fresh")
+    np.save(work / "scene.npy", ef.scene()[None])
+    script = work / "run.py"
+    script.write_text(FRESH_PROCESS)
+    result = subprocess.run([sys.executable, str(script), export_path, str(work / "scene.npy")],
+                            cwd=str(work), env=ef.clean_env(), capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_process_without_rfcn_tf_gives_the_same_detections(fresh_process, reference):
+    assert not fresh_process["rfcn_tf_imported"]
+    assert_same_detections({k: np.array(v) for k, v in fresh_process["outputs"].items()},
+                           reference)
+
+
+def test_portable_export_uses_only_stock_tensorflow_ops(fresh_process, export_path):
+    """Every op anywhere in the graph (function and while bodies included) is registered
+    in a TensorFlow that never loaded the custom op library."""
+    used = graph_ops.saved_model_op_types(export_path)
+    stock = set(fresh_process["registered_ops"])
+    assert "RfcnPsRoiPool" not in stock
+    assert {"While", "ResizeBilinear", "Conv2D"} <= used  # the listing reaches the bodies
+    assert used - stock == set()
+
+
+def test_op_listing_flags_a_custom_op(tmp_path):
+    """The listing is not vacuous: a graph with a made-up op type is reported."""
+    from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
+    proto = saved_model_pb2.SavedModel()
+    graph = proto.meta_graphs.add().graph_def
+    graph.node.add(name="a", op="Placeholder")
+    function = graph.library.function.add()
+    function.signature.name = "body_fn"
+    function.node_def.add(name="b", op="RfcnPsRoiPool")
+    graph.node.add(name="c", op="body_fn")  # a call of a library function, not an op
+    (tmp_path / "saved_model.pb").write_bytes(proto.SerializeToString())
+    assert graph_ops.saved_model_op_types(str(tmp_path)) == {"Placeholder", "RfcnPsRoiPool"}
+    assert graph_ops.custom_ops({"Placeholder", "RfcnPsRoiPool"}) == {"RfcnPsRoiPool"}
+
+
+def _saved_model_cli():
+    found = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or \
+        shutil.which("saved_model_cli")
+    if found is None:
+        pytest.skip("saved_model_cli is not installed next to this Python")
+    return found
+
+
+def test_saved_model_cli_show_and_run(export_path, reference, tmp_path):
+    cli = _saved_model_cli()
+    show = subprocess.run([cli, "show", "--dir", export_path, "--all"], capture_output=True,
+                          text=True, timeout=300, env=ef.clean_env(), check=False)
+    assert show.returncode == 0, show.stderr[-3000:]
+    for text in ("signature_def['serving_default']", "signature_def['tf_example']",
+                 "dtype: DT_UINT8", "shape: (-1, -1, -1, 3)", "detection_boxes",
+                 "num_detections"):
+        assert text in show.stdout, text
+    np.save(tmp_path / "scene.npy", ef.scene()[None])
+    run = subprocess.run([cli, "run", "--dir", export_path, "--tag_set", "serve",
+                          "--signature_def", "serving_default",
+                          "--inputs", f"input_tensor={tmp_path / 'scene.npy'}",
+                          "--outdir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env=ef.clean_env(),
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = {k: np.load(tmp_path / "out" / f"{k}.npy") for k in saved_model.OUTPUT_KEYS}
+    assert_same_detections(outputs, reference)
+
+
+def test_custom_flavour_uses_the_compiled_op_and_agrees(tmp_path, reference):
+    from rfcn_tf.ops import op_library  # pylint: disable=import-outside-toplevel
+    try:
+        op_library.load()
+    except op_library.OpLibraryUnavailableError as error:
+        if os.environ.get("RFCN_TF_REQUIRE_CUSTOM_OP") == "1":
+            raise
+        pytest.skip(f"compiled op library unavailable: {error}")
+    config, detector = ef.trained()
+    path = saved_model.export_detector(detector, config, str(tmp_path), version=3,
+                                       psroi_impl="custom", class_names=ef.CLASS_NAMES,
+                                       extra_signatures=False)
+    assert detector.head.psroi_impl == "portable"  # restored after the export
+    assert graph_ops.custom_ops(graph_ops.saved_model_op_types(path)) == {"RfcnPsRoiPool"}
+    assert saved_model.read_metadata(path)["psroi_impl"] == "custom"
+    outputs = tf.saved_model.load(path).signatures["serving_default"](
+        input_tensor=tf.constant(ef.scene()[None]))
+    assert_same_detections({k: v.numpy() for k, v in outputs.items()}, reference, atol=1e-3)
+
+
+def test_export_refuses_bad_options():
+    config, detector = ef.trained()
+    with pytest.raises(saved_model.ExportError, match="input_type must be one of"):
+        saved_model.export_detector(detector, config, "/nonexistent", input_type="jpeg")
+    with pytest.raises(saved_model.ExportError, match="'auto' would make the flavour"):
+        saved_model.export_detector(detector, config, "/nonexistent", psroi_impl="auto")
+    with pytest.raises(saved_model.ExportError, match="1 class names for model.num_classes=2"):
+        saved_model.export_detector(detector, config, "/nonexistent", class_names=["x"])
+
+
+def test_export_command_from_a_checkpoint(tmp_path):
+    """`python -m rfcn_tf.export` restores a training checkpoint, names the version after
+    its step, and sets serving_default's input type from --input_type."""
+    config, detector = ef.trained()
+    prefix = tf.train.Checkpoint(model=detector).write(str(tmp_path / "ckpt-7"))
+    from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
+    configs.save_config(config, str(tmp_path / "config.yaml"))
+    result = subprocess.run(
+        [sys.executable, "-m", "rfcn_tf.export", f"--checkpoint={prefix}",
+         f"--config_file={tmp_path / 'config.yaml'}", f"--export_dir={tmp_path / 'export'}",
+         "--input_type=encoded_image_string_tensor"],
+        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert result.returncode == 0, result.stderr[-4000:]
+    path = str(tmp_path / "export" / "7")
+    assert f"Wrote SavedModel {path}" in result.stdout
+    meta = saved_model.read_metadata(path)
+    assert meta["signatures"]["serving_default"] == "encoded_image_string_tensor"
+    loaded = tf.saved_model.load(path)
+    out = loaded.signatures["serving_default"](
+        input_tensor=tf.constant([encoded_png(ef.scene())]))
+    assert out["detection_scores"].numpy()[0, 0] > 0.5
+
+
+def test_export_command_reports_a_missing_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "rfcn_tf.export", f"--checkpoint={tmp_path / 'nope'}",
+         f"--config_file={tmp_path / 'nope.yaml'}", f"--export_dir={tmp_path}"],
+        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert result.returncode == 1
+    assert "rfcn_tf.export: error:" in result.stderr and "not found" in result.stderr

@@ -1,0 +1,89 @@
+"""`rfcn_tf.predict`: per-image JSON and drawn PNG; on the model overfitted to the synthetic
+scene the drawn box pixels are where the detection (and the object) is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import export_fixtures as ef
+import rfcn_tf  # noqa: F401
+
+from rfcn_tf.export import drawing, predictor
+
+
+@pytest.fixture(scope="module")
+def export_path(tmp_path_factory):
+    return ef.exported(str(tmp_path_factory.mktemp("export")))
+
+
+@pytest.fixture(scope="module")
+def predicted(export_path, tmp_path_factory):
+    images = tmp_path_factory.mktemp("images")
+    Image.fromarray(ef.scene()).save(images / "scene.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path_factory.mktemp("predictions")
+    paths = predictor.list_images(f"{images}/*.png,{images}/*.jpg")
+    return predictor.predict_files(export_path, paths, str(out), min_score=0.5,
+                                   show_progress=False), out, images
+
+
+def test_writes_json_and_png_and_skips_undecodable_files(predicted):
+    result, out, images = predicted
+    assert result["written"] == [str(out / "scene.json")]
+    assert list(result["skipped"]) == [str(images / "broken.jpg")]
+    record = json.loads((out / "scene.json").read_text())
+    assert record["height"] == record["width"] == ef.IMAGE_SIZE
+    names = sorted(d["class_name"] for d in record["detections"])
+    assert names == ["bar", "square"]
+    for detection in record["detections"]:
+        gt = ef.GT_BOXES[ef.GT_CLASSES == detection["class_id"]]
+        box = np.array([[detection["box_pixels"][k] for k in ("ymin", "xmin", "ymax", "xmax")]])
+        assert ef.iou(box, gt)[0] > 0.7 and detection["score"] >= 0.5
+
+
+def test_drawn_box_pixels_are_where_the_detection_is(predicted):
+    result, out, _ = predicted
+    drawn = np.asarray(Image.open(out / "scene.png").convert("RGB"))
+    original = ef.scene()
+    assert drawn.shape == original.shape
+    for detection in json.loads((out / "scene.json").read_text())["detections"]:
+        b = detection["box_normalized"]
+        x0, y0, x1, y1 = drawing.pixel_box((b["ymin"], b["xmin"], b["ymax"], b["xmax"]),
+                                           *original.shape[:2])
+        colour = np.array(drawing.class_colour(detection["class_id"]))
+        # Left, right and bottom edges (the label sits on the top edge) are the colour...
+        for edge in (drawn[y0 + 12:y1 - 1, x0], drawn[y0 + 12:y1 - 1, x1], drawn[y1, x0:x1]):
+            assert (edge == colour).all(axis=-1).mean() > 0.95
+        # ... one pixel outside and three inside them are not drawn on (where the other
+        # box is not drawn either).
+        outside = drawn[y0 + 12:y1 - 1, max(x0 - 1, 0)]
+        inside = drawn[y0 + 12:y1 - 3, x0 + 3]
+        for strip, ref in ((outside, original[y0 + 12:y1 - 1, max(x0 - 1, 0)]),
+                           (inside, original[y0 + 12:y1 - 3, x0 + 3])):
+            assert (strip == ref).all(axis=-1).mean() > 0.8
+
+
+def test_predict_command(export_path, tmp_path):
+    Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
+    Image.fromarray(ef.scene(6)).save(tmp_path / "b.jpg", quality=95)
+    result = subprocess.run(
+        [sys.executable, "-m", "rfcn_tf.predict", f"--saved_model={export_path}",
+         f"--images={tmp_path}/*.png,{tmp_path}/*.jpg", f"--output_dir={tmp_path / 'out'}"],
+        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Wrote 2 PNG + JSON pairs" in result.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.json", "a.png", "b.json", "b.png"]
+    missing = subprocess.run(
+        [sys.executable, "-m", "rfcn_tf.predict", f"--saved_model={export_path}",
+         f"--images={tmp_path}/*.gif", f"--output_dir={tmp_path / 'out'}"],
+        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert missing.returncode == 1 and "no files match" in missing.stderr

@@ -1,0 +1,132 @@
+"""TFLite: builtin-ops-only conversion at a fixed input size, run with ai_edge_litert.
+
+float32 / float16 must reproduce the SavedModel's top detections (IoU >= 0.9, score
+within 0.02, same class). full_int8 (calibrated on training images drawn from the
+train_data of the config) is checked to still find the objects, and its drift is
+printed (pytest -s) and bounded loosely. dynamic_int8 is measured by
+bench/tflite_variants.py, not here, to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import export_fixtures as ef
+import rfcn_tf  # noqa: F401
+import tensorflow as tf
+
+from rfcn_tf.export import tflite
+
+VARIANTS = ("float32", "float16", "full_int8")
+SIZE = (ef.IMAGE_SIZE, ef.IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def export_path(tmp_path_factory):
+    return ef.exported(str(tmp_path_factory.mktemp("export")))
+
+
+@pytest.fixture(scope="module")
+def converted(export_path, tmp_path_factory):
+    work = tmp_path_factory.mktemp("tflite")
+    config = ef.tiny_config(f"train_data.path={work / 'synthetic'}")
+    paths = tflite.training_image_paths(config, limit=8)
+    assert len(paths) == 8
+    results = tflite.convert(export_path, {v: str(work / f"{v}.tflite") for v in VARIANTS},
+                             SIZE, lambda: tflite.load_images(paths, SIZE))
+    return {r["variant"]: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def saved_model_outputs(export_path):
+    signature = tf.saved_model.load(export_path).signatures["serving_default"]
+    return {k: v.numpy() for k, v in signature(input_tensor=tf.constant(ef.scene()[None])).items()}
+
+
+def matched(reference, outputs, min_score=0.3):
+    """For each reference detection with score >= min_score: (IoU, |score diff|, same
+    class) against the same-ranked detection of `outputs`."""
+    ref_boxes, ref_scores, ref_classes = ef.top_detections(reference, min_score)
+    k = len(ref_scores)
+    boxes = outputs["detection_boxes"][0][:k]
+    return (ef.iou(ref_boxes, boxes), np.abs(outputs["detection_scores"][0][:k] - ref_scores),
+            outputs["detection_classes"][0][:k] == ref_classes)
+
+
+def test_converted_models_use_builtin_ops_only(converted):
+    from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=import-outside-toplevel
+    for variant, result in converted.items():
+        with open(result["path"], "rb") as f:
+            model = flatbuffer_utils.convert_bytearray_to_object(bytearray(f.read()))
+        custom = [c.customCode for c in model.operatorCodes if c.customCode]
+        assert custom == [], f"{variant} has custom/Flex ops {custom}"
+        assert os.path.getsize(result["path"]) == result["bytes"]
+
+
+@pytest.mark.parametrize("variant", ["float32", "float16"])
+def test_float_models_match_the_saved_model(converted, saved_model_outputs, variant):
+    detector = tflite.TFLiteDetector(converted[variant]["path"])
+    assert detector.input_size == SIZE
+    outputs = detector(ef.scene()[None])
+    ious, score_diffs, same_class = matched(saved_model_outputs, outputs)
+    assert len(ious) == 2  # both objects of the scene
+    assert ious.min() >= 0.9, ious
+    assert score_diffs.max() <= 0.02, score_diffs
+    assert same_class.all()
+
+
+def test_variants_shrink_the_model(converted):
+    sizes = {v: r["bytes"] for v, r in converted.items()}
+    assert sizes["float16"] < 0.7 * sizes["float32"]
+    assert sizes["full_int8"] < 0.5 * sizes["float32"]
+    assert converted["full_int8"]["op_types"].get("INT8", 0) > 20
+    assert "INT8" not in converted["float32"]["op_types"]
+
+
+def test_full_int8_drift(converted, saved_model_outputs):
+    outputs = tflite.TFLiteDetector(converted["full_int8"]["path"])(ef.scene()[None])
+    ious, score_diffs, same_class = matched(saved_model_outputs, outputs)
+    print(f"\nfull_int8 drift vs SavedModel on the scene: IoU {np.round(ious, 3).tolist()}, "
+          f"|score diff| {np.round(score_diffs, 4).tolist()}, same class {same_class.tolist()}")
+    assert same_class.all() and ious.min() >= 0.7 and score_diffs.max() <= 0.2
+
+
+def test_detector_refuses_other_input_shapes(converted):
+    detector = tflite.TFLiteDetector(converted["float32"]["path"])
+    with pytest.raises(ValueError, match=r"takes uint8 \[1, 128, 128, 3\]"):
+        detector(np.zeros((1, 64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="takes uint8"):
+        detector(np.zeros((1, 128, 128, 3), np.float32))
+    assert detector.latency_ms(runs=2, warmup=1) > 0
+
+
+def test_flavours_and_ops_without_builtins_are_refused(monkeypatch, tmp_path):
+    from rfcn_tf.export import graph_ops  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(graph_ops, "saved_model_op_types", lambda _: {"Conv2D", "RfcnPsRoiPool"})
+    with pytest.raises(tflite.ConversionError, match="--psroi_impl=portable"):
+        tflite.convert(str(tmp_path), {"float32": str(tmp_path / "m.tflite")}, SIZE)
+    monkeypatch.setattr(graph_ops, "saved_model_op_types",
+                        lambda _: {"Conv2D", "CombinedNonMaxSuppression"})
+    with pytest.raises(tflite.ConversionError, match="nms_version=v2"):
+        tflite.convert(str(tmp_path), {"float32": str(tmp_path / "m.tflite")}, SIZE)
+    with pytest.raises(tflite.ConversionError, match="representative dataset"):
+        tflite.convert(str(tmp_path), {"full_int8": str(tmp_path / "m.tflite")}, SIZE)
+    with pytest.raises(tflite.ConversionError, match="variants must be among"):
+        tflite.convert(str(tmp_path), {"int4": str(tmp_path / "m.tflite")}, SIZE)
+
+
+def test_option_parsing():
+    assert tflite.parse_input_size("480,640") == (480, 640)
+    assert tflite.parse_input_size("320") == (320, 320)
+    for bad in ("0,5", "a,b", "1,2,3", ""):
+        with pytest.raises(tflite.ConversionError, match="input size"):
+            tflite.parse_input_size(bad)
+    assert tflite.parse_variants("all") == list(tflite.VARIANTS)
+    with pytest.raises(tflite.ConversionError, match="variants must name"):
+        tflite.parse_variants("float32,int4")
+    assert tflite.variant_paths("m.tflite", ["float32"]) == {"float32": "m.tflite"}
+    assert tflite.variant_paths("out/m.tflite", ["float32", "float16"]) == {
+        "float32": "out/m_float32.tflite", "float16": "out/m_float16.tflite"}
