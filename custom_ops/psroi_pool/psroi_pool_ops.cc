@@ -35,12 +35,12 @@ absl::Status GetPoolingAttrs(InferenceContext* c, int* group_size) {
 // Checks that rois is [R, 5]; returns R.
 absl::Status GetNumRois(InferenceContext* c, int input, DimensionHandle* num_rois) {
   ShapeHandle rois;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(input), 2, &rois));
   DimensionHandle unused;
-  if (!c->WithValue(c->Dim(rois, 1), 5, &unused).ok()) {
+  if (!c->WithRank(c->input(input), 2, &rois).ok() ||
+      !c->WithValue(c->Dim(rois, 1), 5, &unused).ok()) {
     return errors::InvalidArgument("PSRoIPool: rois must be [R, 5] rows of (batch_index, x1, "
                                    "y1, x2, y2), got shape ",
-                                   c->DebugString(rois));
+                                   c->DebugString(c->input(input)));
   }
   *num_rois = c->Dim(rois, 0);
   return absl::OkStatus();
@@ -85,26 +85,37 @@ absl::Status PsRoiPoolGradShape(InferenceContext* c) {
                                    c->DebugString(c->input(0)));
   }
   ShapeHandle expected = c->MakeShape({num_rois, group_size, group_size, c->UnknownDim()});
-  if (!c->Merge(grad_pooled, expected, &grad_pooled).ok()) {
+  ShapeHandle merged;
+  if (!c->Merge(grad_pooled, expected, &merged).ok()) {
     return errors::InvalidArgument("PSRoIPoolGrad: grad_pooled ", c->DebugString(c->input(0)),
                                    " does not match [R, k, k, D] with R from rois and k = ",
                                    group_size);
   }
   ShapeHandle shape_vector;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &shape_vector));
   DimensionHandle unused;
-  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(shape_vector, 0), 4, &unused));
+  if (!c->WithRank(c->input(2), 1, &shape_vector).ok() ||
+      !c->WithValue(c->Dim(shape_vector, 0), 4, &unused).ok()) {
+    return errors::InvalidArgument("PSRoIPoolGrad: score_maps_shape must be a vector of 4 "
+                                   "elements [N, H, W, C], got shape ",
+                                   c->DebugString(c->input(2)));
+  }
   ShapeHandle grad_score_maps;
   TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &grad_score_maps));
   TF_RETURN_IF_ERROR(c->WithRank(grad_score_maps, 4, &grad_score_maps));
   DimensionHandle depth;
   TF_RETURN_IF_ERROR(GetDepth(c, c->Dim(grad_score_maps, 3), group_size, &depth));
-  if (!c->Merge(depth, c->Dim(grad_pooled, 3), &depth).ok()) {
+  DimensionHandle merged_depth;
+  if (!c->Merge(depth, c->Dim(grad_pooled, 3), &merged_depth).ok()) {
     return errors::InvalidArgument("PSRoIPoolGrad: grad_pooled depth ",
                                    c->DebugString(c->Dim(grad_pooled, 3)),
                                    " does not match score_maps channels / (k * k) = ",
                                    c->DebugString(depth));
   }
+  // The channel count follows from grad_pooled when score_maps_shape is not a constant.
+  DimensionHandle channels;
+  TF_RETURN_IF_ERROR(c->Multiply(merged_depth, static_cast<int64_t>(group_size) * group_size,
+                                 &channels));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(grad_score_maps, 3, channels, &grad_score_maps));
   c->set_output(0, grad_score_maps);
   return absl::OkStatus();
 }
