@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -81,10 +80,10 @@ absl::Status MakePoolingDims(const TensorShape& score_maps, const Tensor& rois, 
                                    ") must be divisible by group_size * group_size (", bins,
                                    ")");
   }
-  if (score_maps.dim_size(1) > std::numeric_limits<int>::max() ||
-      score_maps.dim_size(2) > std::numeric_limits<int>::max()) {
-    return errors::InvalidArgument("PSRoIPool: score_maps height and width must fit in int32, "
-                                   "got shape ",
+  if (score_maps.dim_size(1) > rfcn_psroi::kMaxExtent ||
+      score_maps.dim_size(2) > rfcn_psroi::kMaxExtent) {
+    return errors::InvalidArgument("PSRoIPool: score_maps height and width must be at most ",
+                                   rfcn_psroi::kMaxExtent, ", got shape ",
                                    score_maps.DebugString());
   }
   dims->num_images = score_maps.dim_size(0);

@@ -32,6 +32,8 @@ namespace rfcn_psroi {
 
 // Length of a RoI row: batch_index, x1, y1, x2, y2.
 constexpr int kRoiSize = 5;
+// Largest score-map height or width: pixel coordinates up to it are exact in float.
+constexpr int kMaxExtent = 1 << 24;
 // Lower bound of a RoI side after scaling, as in the Caffe layer.
 constexpr float kMinRoiSize = 0.1f;
 
@@ -107,7 +109,8 @@ RFCN_HD inline AxisGeometry ComputeAxisGeometry(float lo, float hi, float spatia
   return g;
 }
 
-// Pixel interval of bin `index` along an axis of `extent` pixels.
+// Pixel interval of bin `index` along an axis of `extent` pixels
+// (extent <= kMaxExtent, so that it and every clipped bound are exact floats).
 RFCN_HD inline Interval ComputeBinInterval(const AxisGeometry& g, int index, int extent) {
   const float lo = floorf(AddRn(MulRn(static_cast<float>(index), g.bin), g.origin));
   const float hi = ceilf(AddRn(MulRn(static_cast<float>(index + 1), g.bin), g.origin));
@@ -123,8 +126,8 @@ RFCN_HD inline int IntervalLength(const Interval& iv) {
 }
 
 // Number of pixels of the bin spanned by `rows` x `cols`.
-RFCN_HD inline int BinArea(const Interval& rows, const Interval& cols) {
-  return IntervalLength(rows) * IntervalLength(cols);
+RFCN_HD inline int64_t BinArea(const Interval& rows, const Interval& cols) {
+  return static_cast<int64_t>(IntervalLength(rows)) * IntervalLength(cols);
 }
 
 // Score-map channel read by output (i, j, d).
@@ -134,7 +137,7 @@ RFCN_HD inline int64_t ScoreChannel(int64_t d, int i, int j, int group_size) {
 
 // Mean of a bin whose pixels sum to `sum` (0 for an empty bin).
 RFCN_HD inline float BinMean(float sum, const Interval& rows, const Interval& cols) {
-  const int area = BinArea(rows, cols);
+  const int64_t area = BinArea(rows, cols);
   return area == 0 ? 0.0f : DivRn(sum, static_cast<float>(area));
 }
 
@@ -174,7 +177,7 @@ RFCN_HD inline void BinAverages(const float* image, int width, int64_t pixel_str
 // Share of a bin's output gradient received by each of its pixels (0 for an
 // empty bin, which received no input).
 RFCN_HD inline float BinGradientShare(float grad, const Interval& rows, const Interval& cols) {
-  const int area = BinArea(rows, cols);
+  const int64_t area = BinArea(rows, cols);
   return area == 0 ? 0.0f : DivRn(grad, static_cast<float>(area));
 }
 
