@@ -6,7 +6,7 @@ inputs, each in its own subprocess (one process cannot load two libraries that r
 the same ops), and requires identical results: same sources, same float semantics
 (-ffp-contract=off in both builds). Skipped when `bazel` is not on PATH (on Debian:
 `apt-get install -y --no-install-recommends bazel-bootstrap`) or when the setup.py
-library is not built.
+library is not built. With RFCN_TF_REQUIRE_BAZEL=1 (set by CI) a missing bazel fails.
 """
 
 import glob
@@ -62,9 +62,12 @@ def _evaluate(library, output):
         return {name: result[name] for name in result.files}
 
 
-@pytest.mark.skipif(shutil.which("bazel") is None,
-                    reason="bazel is not on PATH (Debian: apt-get install bazel-bootstrap)")
 def test_bazel_library_matches_setup_py_library(tmp_path):
+    if shutil.which("bazel") is None:
+        message = "bazel is not on PATH (Debian: apt-get install bazel-bootstrap)"
+        if os.environ.get("RFCN_TF_REQUIRE_BAZEL") == "1":
+            pytest.fail(message + "; RFCN_TF_REQUIRE_BAZEL=1 requires the Bazel build")
+        pytest.skip(message)
     setup_library = _setup_py_library()
     if setup_library is None:
         pytest.skip("the setup.py library is not built (pip install -e .)")
