@@ -1,0 +1,281 @@
+"""Model building blocks against hand-computed values: anchors, sampling, RPN and RoI
+targets, proposals, the PS head's RoI conversion and voting, detection normalisation,
+and get_config round trips."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import model_test_utils as mtu
+import tensorflow as tf
+
+from official.vision.ops import anchor as official_anchor
+from rfcn_tf.modeling import anchors, detection, rfcn_head, roi_targets, rpn, rpn_targets, sampling
+from rfcn_tf.modeling import backbone as backbone_lib
+
+
+# ------------------------------------------------------------------ anchors --
+
+@pytest.mark.parametrize("feature_hw", [(4, 6), (3, 5)])
+def test_grid_anchors_match_official_anchor(feature_hw):
+    fh, fw = feature_hw
+    scales, ratios = [32.0, 64.0, 128.0], [0.5, 1.0, 2.0]
+    ours = anchors.grid_anchors(tf.constant(fh), tf.constant(fw), 16, scales, ratios).numpy()
+    # official.vision: one Anchor per scale (num_scales=1), concatenated per location.
+    per_scale = [official_anchor.Anchor(4, 4, 1, ratios, s / 16.0, [fh * 16, fw * 16])
+                 .multilevel_boxes["4"] for s in scales]
+    reference = tf.reshape(tf.concat(per_scale, axis=-1), [-1, 4]).numpy()
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-4)
+    assert ours.shape == (fh * fw * 9, 4)
+
+
+def test_grid_anchor_geometry_by_hand():
+    boxes = anchors.grid_anchors(1, 2, 16, [32.0], [4.0]).numpy()
+    # Ratio 4 = width/height: w = 32*2 = 64, h = 32/2 = 16, centres (8, 8) and (8, 24).
+    np.testing.assert_allclose(boxes, [[0, -24, 16, 40], [0, -8, 16, 56]], atol=1e-5)
+
+
+# ----------------------------------------------------------------- sampling --
+
+def test_sample_balanced_respects_fraction_and_candidates():
+    positive = np.zeros((3, 40), bool)
+    negative = np.zeros((3, 40), bool)
+    positive[0, :10], negative[0, 10:30] = True, True   # plenty of both
+    positive[1, :1], negative[1, 5:35] = True, True     # one positive
+    positive[2, :2], negative[2, 2:5] = True, True      # too few candidates
+    tf.random.set_seed(3)
+    chosen = sampling.sample_balanced(tf.constant(positive), tf.constant(negative), 8, 0.25).numpy()
+    assert not (chosen & ~(positive | negative)).any()
+    pos_counts = (chosen & positive).sum(1)
+    neg_counts = (chosen & negative).sum(1)
+    np.testing.assert_array_equal(pos_counts, [2, 1, 2])
+    np.testing.assert_array_equal(neg_counts, [6, 7, 3])
+
+
+def test_sample_balanced_is_random_over_candidates():
+    positive = tf.constant(np.arange(100)[None] < 50)
+    negative = ~positive
+    draws = np.stack([sampling.sample_balanced(positive, negative, 10, 0.5).numpy()[0]
+                      for _ in range(200)])
+    hits = draws.sum(0)
+    # Each of the 50 positives is drawn with probability 5/50 per draw: 20 expected.
+    assert hits[:50].min() > 3 and hits[:50].max() < 45
+    assert hits[50:].min() > 3 and hits[50:].max() < 45
+
+
+def test_indices_of_true_pads_with_invalid_slots():
+    mask = tf.constant([[False, True, False, True], [False, False, False, False]])
+    indices, valid = sampling.indices_of_true(mask, 3)
+    np.testing.assert_array_equal(indices.numpy(), [[1, 3, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(valid.numpy(), [[True, True, False], [False, False, False]])
+
+
+# -------------------------------------------------------------- RPN targets --
+
+ANCHORS = np.array([[0, 0, 10, 10], [0, 0, 10, 20], [20, 20, 30, 30], [50, 50, 60, 60],
+                    [0, 5, 10, 15]], np.float32)
+
+
+def _np_encode(box, anchor, weights=(1, 1, 1, 1)):
+    by, bx = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    bh, bw = box[2] - box[0], box[3] - box[1]
+    ay, ax = (anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2
+    ah, aw = anchor[2] - anchor[0], anchor[3] - anchor[1]
+    return np.array([(by - ay) / ah * weights[0], (bx - ax) / aw * weights[1],
+                     math.log(bh / ah) * weights[2], math.log(bw / aw) * weights[3]])
+
+
+def test_label_anchors_by_hand():
+    gt = np.array([[[0, 0, 10, 10], [0, 0, 0, 0]], [[40, 40, 62, 62], [0, 0, 0, 0]]], np.float32)
+    valid = np.array([[True, False], [True, False]])
+    out = rpn_targets.label_anchors(tf.constant(ANCHORS), tf.constant(gt), tf.constant(valid),
+                                    foreground_iou=0.7, background_iou=0.3,
+                                    batch_size_per_image=256, positive_fraction=0.5)
+    # Image 0: IoUs 1, 0.5, 0, 0, 1/3 -> positive, ignored, negative, negative, ignored.
+    # Image 1: the gt's best anchor (IoU 100/484 < 0.3) is made positive (low-quality
+    # match); the padded gt row must not claim anchor 0.
+    np.testing.assert_array_equal(out["score_targets"].numpy(),
+                                  [[1, -1, 0, 0, -1], [0, 0, 0, 1, 0]])
+    expected = np.zeros((2, 5, 4))
+    expected[0, 0] = _np_encode(gt[0, 0], ANCHORS[0])
+    expected[1, 3] = _np_encode(gt[1, 0], ANCHORS[3])
+    np.testing.assert_allclose(out["box_targets"].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(expected[1, 3], [-0.4, -0.4, math.log(2.2), math.log(2.2)],
+                               atol=1e-6)
+
+
+def _np_iou(a, b):
+    """Pairwise IoU [len(a), len(b)] of (ymin, xmin, ymax, xmax) boxes."""
+    a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
+    inter = (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+             * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None))
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_label_anchors_samples_the_configured_count():
+    tf.random.set_seed(0)
+    grid = anchors.grid_anchors(8, 8, 16, [32.0, 64.0], [0.5, 1.0, 2.0])
+    gt = grid.numpy()[None, ::31][:, :12] + 2.0  # 12 boxes close to 12 anchors
+    out = rpn_targets.label_anchors(grid, tf.constant(gt), tf.ones([1, 12], tf.bool),
+                                    batch_size_per_image=32, positive_fraction=0.25)
+    labels = out["score_targets"].numpy()[0]
+    iou = _np_iou(grid.numpy(), gt[0])
+    positive = (iou.max(1) >= 0.7) | (iou == iou.max(0, keepdims=True)).any(1)
+    negative = (iou.max(1) < 0.3) & ~positive
+    assert positive.sum() > 8  # enough positives for the cap to bind
+    assert (labels == 1).sum() == 8 and (labels == 0).sum() == 24
+    assert positive[labels == 1].all() and negative[labels == 0].all()
+    nonzero = np.abs(out["box_targets"].numpy()[0]).sum(-1) > 0
+    np.testing.assert_array_equal(nonzero, labels == 1)
+
+
+# -------------------------------------------------------------- RoI targets --
+
+def test_label_rois_by_hand():
+    rois = np.array([[[0, 0, 10, 10], [0, 0, 10, 20], [0, 0, 10, 25], [100, 100, 110, 110],
+                      [0, 0, 0, 0]],
+                     [[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]],
+                    np.float32)
+    roi_valid = rpn.valid_boxes(tf.constant(rois))
+    gt = np.array([[[0, 0, 10, 10], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]], np.float32)
+    gt_classes = np.array([[2, -1], [-1, -1]], np.int32)
+    gt_valid = tf.constant(gt_classes > 0)
+    out = roi_targets.label_rois(tf.constant(rois), roi_valid, tf.constant(gt),
+                                 tf.constant(gt_classes), gt_valid, box_stds=(0.1, 0.1, 0.2, 0.2))
+    assert out["rois"].shape == (2, 7, 4)  # the 2 gt rows joined the 5 proposals
+    # Image 0 IoUs: 1, 0.5, 0.4, 0, (empty), gt 1, (padded gt).
+    np.testing.assert_array_equal(out["labels"].numpy()[0], [2, 2, 0, 0, 0, 2, 0])
+    np.testing.assert_array_equal(out["foreground"].numpy()[0], [1, 1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(out["background"].numpy()[0], [0, 0, 1, 1, 0, 0, 0])
+    # Image 1 has no ground truth: its two real proposals are background.
+    np.testing.assert_array_equal(out["background"].numpy()[1], [1, 1, 0, 0, 0, 0, 0])
+    assert not out["foreground"].numpy()[1].any()
+    expected = _np_encode(gt[0, 0], rois[0, 1], weights=(10, 10, 5, 5))
+    np.testing.assert_allclose(out["box_targets"].numpy()[0, 1], expected, atol=1e-5)
+    np.testing.assert_allclose(expected, [0, -2.5, 0, 5 * math.log(0.5)], atol=1e-6)
+    np.testing.assert_allclose(out["box_targets"].numpy()[0, [0, 2, 3, 5]], 0, atol=1e-5)
+
+    banded = roi_targets.label_rois(tf.constant(rois), roi_valid, tf.constant(gt),
+                                    tf.constant(gt_classes), gt_valid, foreground_iou=0.5,
+                                    background_iou_high=0.45, background_iou_low=0.1)
+    # IoU 0.4 is background in [0.1, 0.45); IoU 0 is below the band: ignored.
+    np.testing.assert_array_equal(banded["background"].numpy()[0], [0, 0, 1, 0, 0, 0, 0])
+    assert not banded["background"].numpy()[1].any()
+
+
+def test_sample_rois_fills_slots_and_weights():
+    tf.random.set_seed(1)
+    fg = np.zeros((1, 20), bool)
+    bg = np.zeros((1, 20), bool)
+    fg[0, :3], bg[0, 3:6] = True, True
+    targets = {"rois": tf.random.uniform([1, 20, 4]), "labels": tf.constant(fg.astype(np.int32)),
+               "foreground": tf.constant(fg), "background": tf.constant(bg),
+               "box_targets": tf.zeros([1, 20, 4])}
+    out = roi_targets.sample_rois(targets, num_samples=8, foreground_fraction=0.25)
+    assert out["rois"].shape == (1, 8, 4)
+    assert out["weights"].numpy().sum() == 5  # 2 foreground + 3 background (all there are)
+    assert out["foreground"].numpy().sum() == 2 and out["background"].numpy().sum() == 3
+
+
+# ---------------------------------------------------------------- proposals --
+
+def test_proposal_generator_by_hand():
+    anchors_ = tf.constant([[0, 0, 10, 10], [0, 1, 10, 11], [20, 20, 40, 40],
+                            [29.5, 29.5, 40, 40]], tf.float32)
+    scores = tf.constant([[2.0, 3.0, 0.0, 5.0]])
+    layer = rpn.ProposalGenerator(pre_nms_top_k_test=10, num_proposals_test=4, nms_iou=0.7)
+    boxes, probs = layer(scores, tf.zeros([1, 4, 4]), anchors_, tf.constant([[30.0, 30.0]]),
+                         training=False)
+    # Anchor 3 clipped to a 0.5-pixel box: dropped. Anchor 0 overlaps anchor 1
+    # (IoU 0.82) and scores lower: suppressed. Anchor 2 is clipped to the image.
+    np.testing.assert_allclose(boxes.numpy()[0], [[0, 1, 10, 11], [20, 20, 30, 30], [0] * 4,
+                                                  [0] * 4], atol=1e-5)
+    np.testing.assert_allclose(probs.numpy()[0], [1 / (1 + math.exp(-3)), 0.5, 0, 0], atol=1e-6)
+
+
+# ------------------------------------------------------------------ PS head --
+
+def test_boxes_to_psroi_rois_uses_inclusive_corners():
+    boxes = tf.constant([[[1, 2, 11, 22]], [[3, 4, 5, 6]]], tf.float32)
+    np.testing.assert_allclose(rfcn_head.boxes_to_psroi_rois(boxes).numpy(),
+                               [[0, 2, 1, 21, 10], [1, 4, 3, 5, 4]])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pool_and_vote_averages_the_position_sensitive_channels(k):
+    depth = 3
+    channels = k * k * depth
+    # Channel c holds the constant c: bin (i, j) of output d reads channel (d*k+i)*k+j.
+    maps = tf.tile(tf.range(channels, dtype=tf.float32)[None, None, None], [2, 6, 8, 1])
+    head = rfcn_head.PositionSensitiveHead(num_classes=depth - 1, group_size=k,
+                                           psroi_impl="portable")
+    boxes = tf.constant([[[16, 16, 80, 96]], [[0, 0, 96, 128]]], tf.float32)
+    voted = head._pool_and_vote(maps, rfcn_head.boxes_to_psroi_rois(boxes), 2, 1)  # pylint: disable=protected-access
+    expected = [d * k * k + (k * k - 1) / 2 for d in range(depth)]
+    np.testing.assert_allclose(voted.numpy(), np.tile(expected, [2, 1, 1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("agnostic,box_width", [(True, 4), (False, 12)])
+def test_head_output_shapes(agnostic, box_width):
+    head = rfcn_head.PositionSensitiveHead(num_classes=2, group_size=3, reduce_channels=8,
+                                           class_agnostic_box=agnostic, psroi_impl="portable")
+    logits, deltas = head(tf.random.normal([2, 4, 6, 16]), tf.random.uniform([2, 5, 4]) * 40)
+    assert logits.shape == (2, 5, 3) and deltas.shape == (2, 5, box_width)
+    assert logits.dtype == tf.float32
+
+
+def test_head_rejects_unknown_implementation():
+    with pytest.raises(ValueError, match="psroi_impl"):
+        rfcn_head.PositionSensitiveHead(num_classes=2, psroi_impl="fast")
+
+
+# ---------------------------------------------------------------- detection --
+
+def test_to_original_normalized_by_hand():
+    info = tf.constant([[[200, 400], [100, 200], [0.5, 0.5], [0, 0]],
+                        [[200, 400], [100, 200], [0.5, 0.5], [5, 10]]], tf.float32)
+    boxes = tf.constant([[[10, 20, 50, 100]], [[10, 20, 50, 100]]], tf.float32)
+    np.testing.assert_allclose(detection.to_original_normalized(boxes, info).numpy(),
+                               [[[0.1, 0.1, 0.5, 0.5]], [[0.15, 0.15, 0.55, 0.55]]], atol=1e-6)
+
+
+def test_detection_generator_per_class_nms_by_hand():
+    gen = detection.RfcnDetectionGenerator(num_classes=2, nms_iou=0.3, score_threshold=0.05,
+                                           max_detections=5)
+    rois = tf.constant([[[10, 10, 50, 50], [60, 60, 90, 90], [0, 0, 0, 0], [12, 12, 50, 50]]],
+                       tf.float32)
+    logits = tf.constant([[[0.0, 2.0, 1.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [0.0, 1.5, 0.0]]])
+    out = gen(logits, tf.zeros([1, 4, 4]), rois, rpn.valid_boxes(rois),
+              tf.constant(mtu.image_info(1, 100, 100)))
+    e = math.exp
+    # RoI 1: class 2 at e^3/(e^3+2); its class 1 (1/(e^3+2) = 0.045) is under 0.05.
+    # RoI 3 (IoU 0.90 with RoI 0) wins class 1 (0.691 > 0.665) and loses class 2
+    # (0.182 < 0.245) to RoI 0. The empty slot (uniform 1/3) never counts.
+    expected_scores = [e(3) / (e(3) + 2), e(1.5) / (e(1.5) + 2), e(1) / (1 + e(2) + e(1))]
+    assert out["num_detections"].numpy()[0] == 3
+    np.testing.assert_allclose(out["detection_scores"].numpy()[0], expected_scores + [0, 0],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(out["detection_classes"].numpy()[0], [2, 1, 2, 0, 0])
+    np.testing.assert_allclose(out["detection_boxes"].numpy()[0, :3],
+                               [[0.6, 0.6, 0.9, 0.9], [0.12, 0.12, 0.5, 0.5],
+                                [0.1, 0.1, 0.5, 0.5]], atol=1e-6)
+    assert out["detection_classes"].dtype == tf.float32
+    assert out["num_detections"].dtype == tf.float32
+
+
+# --------------------------------------------------------------- get_config --
+
+@pytest.mark.parametrize("layer", [
+    rpn.RpnHead(num_anchors=6, conv_channels=16),
+    rpn.ProposalGenerator(pre_nms_top_k_train=100, num_proposals_test=7, min_box_size=2.0),
+    rfcn_head.PositionSensitiveHead(num_classes=4, group_size=3, class_agnostic_box=False),
+    detection.RfcnDetectionGenerator(num_classes=4, nms_iou=0.4, nms_version="batched"),
+    backbone_lib.DilatedResidualBlock(filters=8, strides=1, dilation_rate=2),
+], ids=lambda layer: type(layer).__name__)
+def test_layer_config_round_trip(layer):
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()

@@ -1,0 +1,166 @@
+"""The whole model: output shapes and dtypes, dynamic image sizes, loss terms, the
+training variants, input errors, config validation and get_config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import model_test_utils as mtu
+import tensorflow as tf
+
+from rfcn_tf import configs
+from rfcn_tf.modeling import LOSS_KEYS, RfcnModel, build_model
+
+DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+
+
+@pytest.fixture(scope="module", params=[([32.0, 64.0], [1.0]), ([32.0, 64.0, 128.0],
+                                                               [0.5, 1.0, 2.0])],
+                ids=["2-anchors", "9-anchors"])
+def model(request):
+    cfg = mtu.tiny_config(psroi_impl="portable")
+    cfg.anchor.scales, cfg.anchor.aspect_ratios = request.param
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("height,width", [(64, 96), (112, 80)])
+def test_inference_outputs(model, batch, height, width):
+    inputs = mtu.inference_inputs(mtu.random_batch(batch, height, width))
+    out = model(inputs, training=False)
+    cfg = model.model_config
+    detections = cfg.detection.max_detections
+    proposals = cfg.rpn.post_nms_top_k_test
+    assert out["detection_boxes"].shape == (batch, detections, 4)
+    assert out["detection_scores"].shape == (batch, detections)
+    assert out["detection_classes"].shape == (batch, detections)
+    assert out["num_detections"].shape == (batch,)
+    assert out["rpn_proposals"].shape == (batch, proposals, 4)
+    assert out["rpn_proposal_scores"].shape == (batch, proposals)
+    for key in DETECTION_KEYS + ("rpn_proposals", "rpn_proposal_scores"):
+        assert out[key].dtype == tf.float32, key
+    boxes = out["detection_boxes"].numpy()
+    assert (boxes >= 0).all() and (boxes <= 1).all()
+    classes = out["detection_classes"].numpy()
+    for b in range(batch):
+        n = int(out["num_detections"][b])
+        assert set(classes[b, :n]) <= {1.0, 2.0} and (classes[b, n:] == 0).all()
+        assert (np.diff(out["detection_scores"].numpy()[b, :n]) <= 1e-6).all()
+    # The RPN scores one objectness logit per anchor of the stride-16 conv4 map.
+    features = model.backbone(inputs["images"])["conv4"]
+    scores, _ = model.rpn_head(features)
+    num_anchors = len(cfg.anchor.scales) * len(cfg.anchor.aspect_ratios)
+    assert scores.shape == (batch, -(-height // 16) * -(-width // 16) * num_anchors)
+    assert features.shape[1:3] == (-(-height // 16), -(-width // 16))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_training_outputs(model, batch):
+    out = model(mtu.random_batch(batch, 64, 96, seed=batch), training=True)
+    for key in LOSS_KEYS:
+        assert out[key].shape == () and out[key].dtype == tf.float32
+        assert np.isfinite(out[key].numpy()) and out[key].numpy() >= 0
+    weights = model.model_config.loss
+    expected = (weights.rpn_class_weight * out["rpn_score_loss"]
+                + weights.rpn_box_weight * out["rpn_box_loss"]
+                + weights.rfcn_class_weight * out["rfcn_class_loss"]
+                + weights.rfcn_box_weight * out["rfcn_box_loss"])
+    assert out["model_loss"].numpy() == pytest.approx(expected.numpy(), rel=1e-6)
+    assert out["rpn_proposals"].shape == (batch, model.model_config.roi_sampler.ohem_num_rois, 4)
+    assert set(model.compute_losses(mtu.random_batch(batch, 64, 96))) == set(LOSS_KEYS)
+
+
+def test_loss_weights_scale_the_terms():
+    cfg = mtu.tiny_config(psroi_impl="portable")
+    cfg.loss.rpn_class_weight, cfg.loss.rfcn_box_weight = 0.0, 3.0
+    model = build_model(cfg)
+    tf.random.set_seed(0)
+    out = model.compute_losses(mtu.scene_batch())
+    expected = out["rpn_box_loss"] + out["rfcn_class_loss"] + 3.0 * out["rfcn_box_loss"]
+    assert out["model_loss"].numpy() == pytest.approx(expected.numpy(), rel=1e-6)
+
+
+def test_dynamic_image_sizes_in_one_trace(model):
+    signature = {"images": tf.TensorSpec([None, None, None, 3], tf.float32),
+                 "image_info": tf.TensorSpec([None, 4, 2], tf.float32)}
+    detect = tf.function(lambda x: model(x, training=False), input_signature=[signature])
+    for batch, height, width in [(1, 64, 96), (2, 80, 48)]:
+        out = detect(mtu.inference_inputs(mtu.random_batch(batch, height, width)))
+        assert out["detection_boxes"].shape == (batch, 100, 4)
+    assert len(detect._list_all_concrete_functions()) == 1  # pylint: disable=protected-access
+
+
+def test_boxes_are_relative_to_the_original_image():
+    model = build_model(mtu.tiny_config(psroi_impl="portable"))
+    batch = mtu.random_batch(1, 64, 96)
+    plain = model(mtu.inference_inputs(batch), training=False)
+    # The same resized image, said to come from a 2x larger original: normalised boxes
+    # are unchanged, while the pixel boxes of the resized image are the same too.
+    resized_from_double = {"images": batch["images"],
+                           "image_info": tf.constant(mtu.image_info(1, 64, 96, scale=0.5))}
+    double = model(resized_from_double, training=False)
+    np.testing.assert_allclose(plain["detection_boxes"].numpy(), double["detection_boxes"].numpy(),
+                               atol=1e-6)
+    n = int(plain["num_detections"][0])
+    assert n > 0
+    np.testing.assert_allclose(plain["detection_boxes"].numpy()[0, :n] * [64, 96, 64, 96],
+                               plain["detection_boxes_resized"].numpy()[0, :n], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["no_ohem", "class_specific", "k7"])
+def test_training_variants(variant):
+    cfg = mtu.tiny_config(psroi_impl="portable", ohem=variant != "no_ohem",
+                          group_size=7 if variant == "k7" else 3)
+    cfg.head.class_agnostic_box = variant != "class_specific"
+    model = build_model(cfg)
+    losses = model.compute_losses(mtu.random_batch(2, 64, 96))
+    assert all(np.isfinite(v.numpy()) for v in losses.values())
+    out = model(mtu.inference_inputs(mtu.random_batch(2, 64, 96)), training=False)
+    assert out["detection_boxes"].shape == (2, 100, 4)
+
+
+def test_batch_without_any_ground_truth():
+    model = build_model(mtu.tiny_config(psroi_impl="portable"))
+    batch = dict(mtu.random_batch(2, 64, 96))
+    batch["gt_classes"] = -tf.ones_like(batch["gt_classes"])
+    losses = model.compute_losses(batch)
+    assert losses["rpn_box_loss"].numpy() == 0 and losses["rfcn_box_loss"].numpy() == 0
+    assert losses["rpn_score_loss"].numpy() > 0 and losses["rfcn_class_loss"].numpy() > 0
+
+
+def test_input_errors(model):
+    batch = mtu.random_batch(1, 64, 96)
+    with pytest.raises(ValueError, match="gt_boxes"):
+        model(mtu.inference_inputs(batch), training=True)
+    with pytest.raises(ValueError, match="image_info"):
+        model({"images": batch["images"]}, training=False)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("backbone.depth", 152), ("backbone.output_stride", 32), ("head.psroi_impl", "cuda"),
+    ("head.group_size", 0), ("roi_sampler.box_stds", [0.1, 0.1]),
+    ("roi_sampler.background_iou_high", 0.7), ("detection.nms_version", "v9"),
+    ("num_classes", 0), ("anchor.scales", []),
+])
+def test_config_validation_names_the_key(key, value):
+    cfg = configs.to_dict(mtu.tiny_config())
+    node = cfg
+    *path, leaf = key.split(".")
+    for part in path:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(configs.ConfigError, match=r"model\." + key.split(".")[0]):
+        build_model(configs.from_dict(configs.ModelConfig, cfg))
+
+
+def test_model_config_round_trip(model):
+    clone = RfcnModel.from_config(model.get_config())
+    assert clone.model_config == model.model_config
+    assert configs.to_dict(clone.model_config) == model.get_config()["model_config"]
+
+
+def test_psroi_override_in_builder():
+    model = build_model(mtu.tiny_config(psroi_impl="custom"), psroi_impl="portable")
+    assert model.head.psroi_impl == "portable"
+    assert model.model_config.head.psroi_impl == "portable"
