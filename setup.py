@@ -129,6 +129,15 @@ class BuildTensorFlowOp(build_ext):
         _run([cxx, "-shared", "-o", output] + objects + ldflags + tf_lflags)
 
 
+DEPLOY_REQUIRES = [
+    "ai-edge-litert==2.3.*",
+    "tf2onnx==1.17.*",
+    "onnx==1.23.*",
+    "onnxruntime==1.31.*",
+    "tensorflow-serving-api==2.20.*",
+]
+
+
 def _read(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -156,7 +165,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # Deployment runtimes and converters (rfcn_tf.convert, scripts/serving_client.py),
+        # pinned to the versions tested with TensorFlow 2.20 (tensorflow-serving-api 2.21
+        # would pull TensorFlow 2.21).
+        "deploy": DEPLOY_REQUIRES,
+        "test": ["pytest", "pytest-timeout"] + DEPLOY_REQUIRES,
     },
     zip_safe=False,
 )

@@ -323,10 +323,17 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
-    """SavedModel export defaults."""
+    """SavedModel export defaults (rfcn_tf.export).
+
+    psroi_impl: "portable" (stock TF ops only) or "custom" (the compiled op).
+    input_type: the input of serving_default: "image_tensor", "encoded_image_string_tensor"
+      or "tf_example".
+    extra_signatures: also write one signature per input type, named after it.
+    """
 
     psroi_impl: str = "portable"
     input_type: str = "image_tensor"
+    extra_signatures: bool = True
 
 
 @dataclasses.dataclass

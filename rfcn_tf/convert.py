@@ -58,7 +58,7 @@ def _representative(input_size):
     elif FLAGS.config_file:
         from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
         config = configs.load_config(FLAGS.config_file, FLAGS.params_override)
-        paths = tflite.training_image_paths(config, FLAGS.num_calibration_images)
+        paths = tflite.image_paths(config.train_data, FLAGS.num_calibration_images)
     else:
         raise tflite.ConversionError("full_int8 needs training images: give "
                                      "--representative_images='dir/*.jpg' or --config_file")

@@ -233,21 +233,25 @@ def test_export_command_from_a_checkpoint(tmp_path):
     """`python -m rfcn_tf.export` restores a training checkpoint, names the version after
     its step, and sets serving_default's input type from --input_type."""
     config, detector = ef.trained()
-    prefix = tf.train.Checkpoint(model=detector).write(str(tmp_path / "ckpt-7"))
+    checkpoint = tf.train.Checkpoint(model=detector)
+    checkpoint.save_counter.assign(6)
+    prefix = checkpoint.save(str(tmp_path / "ckpt"))  # ckpt-7, as training writes them
     from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
     configs.save_config(config, str(tmp_path / "config.yaml"))
     result = subprocess.run(
         [sys.executable, "-m", "rfcn_tf.export", f"--checkpoint={prefix}",
          f"--config_file={tmp_path / 'config.yaml'}", f"--export_dir={tmp_path / 'export'}",
-         "--input_type=encoded_image_string_tensor"],
+         "--input_type=encoded_image_string_tensor",
+         "--params_override=export.extra_signatures=false"],
         cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
     assert result.returncode == 0, result.stderr[-4000:]
     path = str(tmp_path / "export" / "7")
     assert f"Wrote SavedModel {path}" in result.stdout
     meta = saved_model.read_metadata(path)
-    assert meta["signatures"]["serving_default"] == "encoded_image_string_tensor"
+    assert meta["signatures"] == {"serving_default": "encoded_image_string_tensor"}
     loaded = tf.saved_model.load(path)
+    assert list(loaded.signatures) == ["serving_default"]
     out = loaded.signatures["serving_default"](
         input_tensor=tf.constant([encoded_png(ef.scene())]))
     assert out["detection_scores"].numpy()[0, 0] > 0.5

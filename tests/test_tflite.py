@@ -33,7 +33,7 @@ def export_path(tmp_path_factory):
 def converted(export_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("tflite")
     config = ef.tiny_config(f"train_data.path={work / 'synthetic'}")
-    paths = tflite.training_image_paths(config, limit=8)
+    paths = tflite.image_paths(config.train_data, limit=8)
     assert len(paths) == 8
     results = tflite.convert(export_path, {v: str(work / f"{v}.tflite") for v in VARIANTS},
                              SIZE, lambda: tflite.load_images(paths, SIZE))

@@ -17,9 +17,9 @@ The only difference is that the image is cast to float32 before the resize: TFLi
 no uint8 -> float32 bilinear resize, and tf.image.resize does the same cast internally,
 so the result is identical.
 
-Bad requests fail inside the graph with a message naming the problem (an empty batch,
-an image with zero height or width, bytes that are not an image); a wrong dtype or rank
-is refused by the signature itself.
+Bad requests fail inside the graph with a message naming the problem (a wrong rank or
+channel count, an empty batch, an image with zero height or width, bytes that are not
+an image); a wrong dtype is refused by the signature itself.
 """
 
 from __future__ import annotations
@@ -93,7 +93,14 @@ class Preprocessor:
 
 
 def check_image_batch(images: tf.Tensor) -> tf.Tensor:
-    """`images` (uint8 [B, H, W, 3]) after asserting B, H and W are all >= 1."""
+    """`images` after checking at run time that it is [B, H, W, 3] with B, H, W >= 1.
+
+    The signature's static shape is not enforced when a loaded SavedModel or a model
+    server is fed, so the rank and channels are checked by an EnsureShape op
+    ("Shape of tensor input_tensor [8,8,3] is not compatible with expected shape
+    [?,?,?,3]"), then the sizes by an assertion.
+    """
+    images = tf.ensure_shape(images, [None, None, None, 3], name=INPUT_NAME)
     shape = tf.shape(images)
     non_empty = tf.reduce_all(shape[:3] > 0)
     check = tf.debugging.Assert(
@@ -104,7 +111,8 @@ def check_image_batch(images: tf.Tensor) -> tf.Tensor:
 
 
 def check_string_batch(strings: tf.Tensor) -> tf.Tensor:
-    """`strings` (string [B]) after asserting B >= 1."""
+    """`strings` after checking at run time that it is a string [B] with B >= 1."""
+    strings = tf.ensure_shape(strings, [None], name=INPUT_NAME)
     check = tf.debugging.Assert(tf.size(strings) > 0,
                                 ["input_tensor is an empty batch: send at least one image"])
     with tf.control_dependencies([check]):

@@ -10,7 +10,8 @@ see rfcn_tf/export/cli.py) writes export_dir/<version>/, the layout TF Serving e
   encoded_image_string_tensor   input_tensor string [B]: JPEG/PNG/GIF/BMP bytes
   tf_example                    input_tensor string [B]: tf.train.Example protos with
                                 image/encoded
-(the three named ones are written too unless extra_signatures=False), all with outputs
+(the three named ones are written too unless export.extra_signatures is false), all with
+outputs
   detection_boxes    float32 [B, D, 4] (ymin, xmin, ymax, xmax) normalised to the
                      input image, in [0, 1]
   detection_scores   float32 [B, D], sorted, descending
@@ -136,10 +137,10 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
                     version: int = 1, *, input_type: Optional[str] = None,
                     psroi_impl: Optional[str] = None,
                     class_names: Optional[Sequence[str]] = None,
-                    extra_signatures: bool = True) -> str:
+                    extra_signatures: Optional[bool] = None) -> str:
     """Saves `detector` (an RfcnModel) as export_dir/<version>; returns that path.
 
-    input_type / psroi_impl default to config.export's; class_names to
+    input_type / psroi_impl / extra_signatures default to config.export's; class_names to
     `class_names_for_export(config)`. An existing export_dir/<version> is replaced.
     The detector's PSRoI implementation is switched for the trace and restored after.
     Raises ExportError for a bad input type, flavour or class list.
@@ -156,12 +157,15 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     if len(class_names) != config.model.num_classes:
         raise ExportError(f"{len(class_names)} class names for model.num_classes="
                           f"{config.model.num_classes}: {class_names}")
+    if extra_signatures is None:
+        extra_signatures = config.export.extra_signatures
     input_types = list(inputs_lib.INPUT_TYPES) if extra_signatures else [input_type]
     preprocessor = inputs_lib.Preprocessor(config.eval_data)
     metadata = {
         "format": "rfcn_tf SavedModel", "rfcn_tf_version": rfcn_tf.__version__,
         "tensorflow_version": tf.__version__, "input_type": input_type,
-        "signatures": {SIGNATURE_KEY: input_type, **{t: t for t in input_types}},
+        "signatures": {SIGNATURE_KEY: input_type,
+                       **({t: t for t in input_types} if extra_signatures else {})},
         "psroi_impl": psroi_impl, "class_names": class_names,
         "preprocessing": preprocessor.as_dict(),
         "max_detections": config.model.detection.max_detections,

@@ -161,12 +161,13 @@ def load_images(paths: Sequence[str], input_size: Tuple[int, int]) -> Iterator[n
             logging.warning("representative data: skipping %s (%s)", path, error)
 
 
-def training_image_paths(config, limit: int) -> List[str]:
-    """Up to `limit` image files of config.train_data (voc, coco or synthetic format)."""
+def image_paths(data_config, limit: int) -> List[str]:
+    """Up to `limit` image files of a DataConfig (voc, coco or synthetic format), spread
+    evenly over the split; e.g. config.train_data for full_int8 calibration."""
     from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
-    source = sources.open_source(config.train_data)
+    source = sources.open_source(data_config)
     if source.records is None:
-        raise ConversionError("representative data from train_data needs image files "
+        raise ConversionError("representative images need a dataset of image files "
                               "(voc, coco or synthetic format), not TFRecords; pass "
                               "--representative_images='dir/*.jpg' instead")
     paths = [r.image_path for r in source.records if r.image_path]
@@ -262,7 +263,7 @@ def convert(saved_model_dir: str, output_paths: Dict[str, str], input_size: Tupl
 
     output_paths: variant -> output file (variants from VARIANTS).
     representative_images: (full_int8 only) a callable returning an iterable of uint8
-      [H, W, 3] images of the input size (e.g. `load_images(training_image_paths(...))`).
+      [H, W, 3] images of the input size (e.g. `load_images(image_paths(config.train_data, 32), size)`).
     Returns one {"variant", "path", "input_size", "bytes", "seconds", "op_types"} per
     variant. Raises ConversionError for an unknown variant, a missing dataset or a model
     with ops TFLite cannot run without Flex.
