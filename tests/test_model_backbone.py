@@ -129,3 +129,34 @@ def test_weight_decay_variables_are_the_trainable_kernels():
     biases_and_norms = [v for v in model.trainable_variables
                         if v.name.endswith(("bias:0", "gamma:0", "beta:0"))]
     assert biases_and_norms and not set(v.name for v in biases_and_norms) & names
+
+
+def test_keras_imagenet_weight_mapping_reproduces_keras_conv2():
+    """The 'imagenet' conversion, checked on a Keras ResNet50 with random weights
+    (no download): conv2 (stride 1, so v1 and v1.5 agree) must match Keras' network
+    fed the same image with its own 'caffe' preprocessing."""
+    from official.vision.ops import preprocess_ops
+    from rfcn_tf.modeling import imagenet
+
+    keras_net = tf_keras.applications.ResNet50(weights=None, include_top=False)
+    rng = np.random.default_rng(0)
+    for layer in keras_net.layers:
+        if layer.weights:  # non-zero biases and batch-norm statistics
+            layer.set_weights([w + rng.uniform(0.1, 0.5, w.shape).astype(np.float32)
+                               for w in layer.get_weights()])
+    ours = backbone_lib.RfcnResNet(depth=50)
+    imagenet.load_keras_imagenet_weights(ours, keras_net)
+
+    rgb = rng.uniform(0, 255, size=(1, 65, 65, 3)).astype(np.float32)  # odd: same stem windows
+    normalized = ((rgb - 255 * np.array(preprocess_ops.MEAN_RGB))
+                  / (255 * np.array(preprocess_ops.STDDEV_RGB))).astype(np.float32)
+    caffe = rgb[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+    ours_conv2 = tf_keras.Model(ours.input, ours.get_layer("block_group_l2").output)
+    keras_conv2 = tf_keras.Model(keras_net.input, keras_net.get_layer("conv2_block3_out").output)
+    got = ours_conv2(normalized, training=False).numpy()
+    want = keras_conv2(caffe, training=False).numpy()
+    assert got.shape == want.shape == (1, 17, 17, 256)
+    inner = (slice(None), slice(5, -5), slice(5, -5))  # away from the differing zero padding
+    np.testing.assert_allclose(got[inner], want[inner], rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    with pytest.raises(ValueError, match="ResNet-50 and ResNet-101"):
+        imagenet.load_keras_imagenet_weights(backbone_lib.RfcnResNet(depth=18), keras_net)

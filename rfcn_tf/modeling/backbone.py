@@ -42,7 +42,8 @@ FEATURE_STRIDE = 16
 CONV5_DILATION = 2
 
 
-def _block_name(stage: int, index: int) -> str:
+def block_name(stage: int, index: int) -> str:
+    """The layer name of residual block `index` (0-based) of stage conv{stage}."""
     return f"conv{stage}_block{index + 1}"
 
 
@@ -127,7 +128,7 @@ class RfcnResNet(tf_keras.Model):
                 block = self._make_block(block_type, int(filters * width_multiplier),
                                          strides if i == 0 else 1, dilation,
                                          use_projection=(i == 0), norm_kwargs=norm_kwargs,
-                                         name=_block_name(stage, i))
+                                         name=block_name(stage, i))
                 x = block(x)
             x = tf_keras.layers.Activation("linear", name=f"block_group_l{stage}")(x)
             if stage >= 4:
@@ -150,7 +151,7 @@ class RfcnResNet(tf_keras.Model):
         frozen = ["stem_conv", "stem_bn"] if freeze_at >= 1 else []
         for stage in range(2, freeze_at + 1):
             repeats = RESNET_SPECS[depth][stage - 2][2]
-            frozen += [_block_name(stage, i) for i in range(repeats)]
+            frozen += [block_name(stage, i) for i in range(repeats)]
         for name in frozen:
             self.get_layer(name).trainable = False
         if frozen_batch_norm:

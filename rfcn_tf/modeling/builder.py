@@ -26,8 +26,9 @@ def validate_model_config(cfg: configs.ModelConfig) -> None:
     _check(bb.width_multiplier > 0, "backbone.width_multiplier",
            f"must be > 0, got {bb.width_multiplier}")
     _check(0 <= bb.freeze_at <= 5, "backbone.freeze_at", f"must be in [0, 5], got {bb.freeze_at}")
-    _check(bb.pretrained != "imagenet" or bb.depth in (50, 101), "backbone.pretrained",
-           f"'imagenet' weights exist for depth 50 and 101 only, got depth {bb.depth}")
+    _check(bb.pretrained != "imagenet" or (bb.depth in (50, 101) and bb.width_multiplier == 1.0),
+           "backbone.pretrained", "'imagenet' weights exist for depth 50 and 101 at "
+           f"width_multiplier 1 only, got depth {bb.depth}, width {bb.width_multiplier}")
     _check(len(cfg.anchor.scales) >= 1 and all(s > 0 for s in cfg.anchor.scales),
            "anchor.scales", f"must be a non-empty list of sizes > 0, got {cfg.anchor.scales}")
     _check(len(cfg.anchor.aspect_ratios) >= 1 and all(r > 0 for r in cfg.anchor.aspect_ratios),
