@@ -50,8 +50,9 @@ def test_two_workers_end_with_identical_weights(tmp_path):
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    for index, process in enumerate(processes):
-        assert process.returncode == 0, f"worker {index}:\n{outputs[index][-3000:]}"
+    codes = [process.returncode for process in processes]
+    assert codes == [0, 0], "\n".join(f"worker {index} (exit {code}):\n{output[-2500:]}"
+                                      for index, (code, output) in enumerate(zip(codes, outputs)))
 
     first = np.load(tmp_path / "weights0.npz")
     second = np.load(tmp_path / "weights1.npz")
