@@ -198,7 +198,9 @@ def _op_output_names(flatbuffer: bytes) -> List[str]:
     names = []
     for subgraph in model.subgraphs:
         for op in subgraph.operators or []:
-            names.extend(subgraph.tensors[i].name.decode() for i in (op.outputs or []))
+            # op.outputs is a NumPy array (or None): `or []` would be ambiguous.
+            outputs = op.outputs if op.outputs is not None else []
+            names.extend(subgraph.tensors[i].name.decode() for i in outputs)
     return names
 
 
@@ -211,7 +213,7 @@ def op_tensor_types(flatbuffer: bytes) -> Dict[str, int]:
     counts: Dict[str, int] = {}
     for subgraph in model.subgraphs:
         for op in subgraph.operators or []:
-            for i in op.outputs or []:
+            for i in (op.outputs if op.outputs is not None else []):  # a NumPy array or None
                 name = type_names.get(subgraph.tensors[i].type, str(subgraph.tensors[i].type))
                 counts[name] = counts.get(name, 0) + 1
     return counts
