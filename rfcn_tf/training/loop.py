@@ -141,6 +141,13 @@ def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[
     return latest
 
 
+def _save_config_atomically(config: configs.ExperimentConfig, path: str) -> None:
+    """Writes config.yaml so that other workers reading it never see a partial file."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    configs.save_config(config, temporary)
+    os.replace(temporary, path)
+
+
 def _check_model_config(config: configs.ExperimentConfig, model_dir: str) -> None:
     """Refuses to continue a model_dir whose saved config has a different model section."""
     path = os.path.join(model_dir, "config.yaml")
@@ -175,7 +182,7 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     tf.io.gfile.makedirs(model_dir)
     _check_model_config(config, model_dir)
     if chief:
-        configs.save_config(config, os.path.join(model_dir, "config.yaml"))
+        _save_config_atomically(config, os.path.join(model_dir, "config.yaml"))
 
     class_names_of(config.train_data, config.model.num_classes, "train_data")
     total_epochs = train.steps // train.steps_per_epoch
