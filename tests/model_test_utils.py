@@ -77,7 +77,8 @@ def random_batch(batch: int, height: int, width: int, seed: int = 0):
     for b in range(batch):
         for m in range(1 if b == 0 else 2):
             y1, x1 = rng.uniform(0, height / 2), rng.uniform(0, width / 2)
-            boxes[b, m] = [y1, x1, y1 + rng.uniform(16, height / 2), x1 + rng.uniform(16, width / 2)]
+            h, w = rng.uniform(16, height / 2), rng.uniform(16, width / 2)
+            boxes[b, m] = [y1, x1, y1 + h, x1 + w]
             classes[b, m] = rng.integers(1, 3)
     return {"images": tf.constant(rng.normal(size=(batch, height, width, 3)).astype(np.float32)),
             "image_info": tf.constant(image_info(batch, height, width)),

@@ -110,8 +110,9 @@ def test_label_anchors_by_hand():
 def _np_iou(a, b):
     """Pairwise IoU [len(a), len(b)] of (ymin, xmin, ymax, xmax) boxes."""
     a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
-    inter = (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-             * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None))
+    height = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    width = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    inter = np.clip(height, 0, None) * np.clip(width, 0, None)
     area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
     return inter / (area(a) + area(b) - inter)
 
@@ -214,7 +215,8 @@ def test_pool_and_vote_averages_the_position_sensitive_channels(k):
     head = rfcn_head.PositionSensitiveHead(num_classes=depth - 1, group_size=k,
                                            psroi_impl="portable")
     boxes = tf.constant([[[16, 16, 80, 96]], [[0, 0, 96, 128]]], tf.float32)
-    voted = head._pool_and_vote(maps, rfcn_head.boxes_to_psroi_rois(boxes), 2, 1)  # pylint: disable=protected-access
+    rois = rfcn_head.boxes_to_psroi_rois(boxes)
+    voted = head._pool_and_vote(maps, rois, 2, 1)  # pylint: disable=protected-access
     expected = [d * k * k + (k * k - 1) / 2 for d in range(depth)]
     np.testing.assert_allclose(voted.numpy(), np.tile(expected, [2, 1, 1]), rtol=1e-6)
 

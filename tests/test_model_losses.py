@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import model_test_utils  # noqa: F401  (imports rfcn_tf first)
+import model_test_utils  # noqa: F401  pylint: disable=unused-import  (imports rfcn_tf first)
 import tensorflow as tf
 
 from rfcn_tf.modeling import losses, ohem

@@ -69,6 +69,8 @@ def test_training_outputs(model, batch):
     assert out["model_loss"].numpy() == pytest.approx(expected.numpy(), rel=1e-6)
     assert out["rpn_proposals"].shape == (batch, model.model_config.roi_sampler.ohem_num_rois, 4)
     assert set(model.compute_losses(mtu.random_batch(batch, 64, 96))) == set(LOSS_KEYS)
+    validation = model.compute_losses(mtu.random_batch(batch, 64, 96), training=False)
+    assert all(np.isfinite(v.numpy()) for v in validation.values())
 
 
 def test_loss_weights_scale_the_terms():
@@ -164,3 +166,23 @@ def test_psroi_override_in_builder():
     model = build_model(mtu.tiny_config(psroi_impl="custom"), psroi_impl="portable")
     assert model.head.psroi_impl == "portable"
     assert model.model_config.head.psroi_impl == "portable"
+
+
+def test_mixed_precision_keeps_boxes_and_losses_float32():
+    import tf_keras  # pylint: disable=import-outside-toplevel
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model(mtu.tiny_config(psroi_impl="portable"))
+        features = model.backbone(tf.zeros([1, 64, 64, 3]))
+        assert features["conv5"].dtype == tf.float16
+        batch = mtu.random_batch(2, 64, 96)
+        with tf.GradientTape() as tape:
+            losses = model.compute_losses(batch)
+        grads = tape.gradient(losses["model_loss"], model.trainable_variables)
+        out = model(mtu.inference_inputs(batch), training=False)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    assert all(v.dtype == tf.float32 and np.isfinite(v.numpy()) for v in losses.values())
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    for key in DETECTION_KEYS + ("rpn_proposals",):
+        assert out[key].dtype == tf.float32, key

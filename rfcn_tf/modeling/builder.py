@@ -69,7 +69,8 @@ def validate_model_config(cfg: configs.ModelConfig) -> None:
     _check(d.nms_version in ("v2", "batched"), "detection.nms_version",
            f"must be 'v2' or 'batched', got {d.nms_version!r}")
     for key in ("rpn_huber_delta", "rfcn_huber_delta"):
-        _check(getattr(cfg.loss, key) > 0, f"loss.{key}", f"must be > 0, got {getattr(cfg.loss, key)}")
+        value = getattr(cfg.loss, key)
+        _check(value > 0, f"loss.{key}", f"must be > 0, got {value}")
 
 
 def build_model(model_config: configs.ModelConfig, *, psroi_impl: Optional[str] = None,

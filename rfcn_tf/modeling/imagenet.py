@@ -32,6 +32,10 @@ from official.vision.ops import preprocess_ops
 _KERAS_BN_EPSILON = 1.001e-5
 # Keras Applications' "caffe" preprocessing mean, in RGB order.
 _CAFFE_MEAN_RGB = np.array([123.68, 116.779, 103.939], np.float32)
+# Keras block part -> (conv, batch norm) attributes of official.vision's BottleneckBlock;
+# part "0" is the projection shortcut of a stage's first block.
+_BOTTLENECK_PARTS = (("1", ("_conv1", "_norm1")), ("2", ("_conv2", "_norm2")),
+                     ("3", ("_conv3", "_norm3")), ("0", ("_shortcut", "_norm0")))
 
 
 def _keras_resnet(depth: int) -> tf_keras.Model:
@@ -79,9 +83,7 @@ def load_keras_imagenet_weights(backbone, keras_model: Optional[tf_keras.Model] 
         for index in range(repeats):
             block = backbone.get_layer(backbone_lib.block_name(stage, index))
             prefix = f"conv{stage}_block{index + 1}_"
-            pairs = [(block._conv1, block._norm1, "1"), (block._conv2, block._norm2, "2"),  # pylint: disable=protected-access
-                     (block._conv3, block._norm3, "3")]  # pylint: disable=protected-access
-            if index == 0:
-                pairs.append((block._shortcut, block._norm0, "0"))  # pylint: disable=protected-access
-            for conv, norm, part in pairs:
-                _copy_conv_bn(conv, norm, get(prefix + part + "_conv"), get(prefix + part + "_bn"))
+            parts = dict(_BOTTLENECK_PARTS) if index == 0 else dict(_BOTTLENECK_PARTS[:3])
+            for part, (conv_attr, norm_attr) in parts.items():
+                _copy_conv_bn(getattr(block, conv_attr), getattr(block, norm_attr),
+                              get(prefix + part + "_conv"), get(prefix + part + "_bn"))

@@ -81,10 +81,10 @@ class PositionSensitiveHead(tf_keras.layers.Layer):
         self._num_box_outputs = 4 if class_agnostic_box else 4 * (num_classes + 1)
         self._reduce = tf_keras.layers.Conv2D(reduce_channels, 1, activation="relu",
                                               kernel_initializer="he_normal", name="reduce")
-        self._class_maps = tf_keras.layers.Conv2D(k2 * (num_classes + 1), 1,
-                                                  kernel_initializer=_small_normal(), name="class_maps")
-        self._box_maps = tf_keras.layers.Conv2D(k2 * self._num_box_outputs, 1,
-                                                kernel_initializer=_small_normal(), name="box_maps")
+        self._class_maps = tf_keras.layers.Conv2D(
+            k2 * (num_classes + 1), 1, kernel_initializer=_small_normal(), name="class_maps")
+        self._box_maps = tf_keras.layers.Conv2D(
+            k2 * self._num_box_outputs, 1, kernel_initializer=_small_normal(), name="box_maps")
 
     @property
     def psroi_impl(self) -> str:

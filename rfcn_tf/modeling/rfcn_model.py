@@ -26,6 +26,9 @@ Inputs (a dict, the data pipeline's batch):
 Weight decay is not part of model_loss: `weight_decay_variables()` lists the
   kernels it applies to (batch-norm and bias variables are excluded).
 
+Under a mixed-precision policy the convolutions run in the compute dtype;
+boxes, losses and post-processing stay float32.
+
 The call paths have no tensor-dependent Python control flow, so they run
 under `do_not_convert` (sub-layers included): AutoGraph would only add ~10 s
 to every trace.
@@ -33,7 +36,7 @@ to every trace.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Union
 
 import tensorflow as tf
 import tf_keras
@@ -77,6 +80,9 @@ class RfcnModel(tf_keras.Model):
     """
 
     def __init__(self, model_config: Union[configs.ModelConfig, Mapping], **kwargs):
+        # Under a mixed-precision policy Keras would cast the whole input dict to
+        # float16 (gt boxes, image_info included); the backbone casts the images itself.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if not isinstance(model_config, configs.ModelConfig):
             model_config = configs.from_dict(configs.ModelConfig, dict(model_config),
@@ -96,7 +102,7 @@ class RfcnModel(tf_keras.Model):
             num_proposals_train=(cfg.roi_sampler.ohem_num_rois if cfg.roi_sampler.ohem
                                  else cfg.rpn.post_nms_top_k_train),
             num_proposals_test=cfg.rpn.post_nms_top_k_test, nms_iou=cfg.rpn.nms_iou,
-            min_box_size=cfg.rpn.min_box_size, name="proposal_generator")
+            min_box_size=cfg.rpn.min_box_size, dtype="float32", name="proposal_generator")
         self.head = rfcn_head.PositionSensitiveHead(
             num_classes=cfg.num_classes, group_size=cfg.head.group_size,
             reduce_channels=cfg.head.reduce_channels,
@@ -107,7 +113,7 @@ class RfcnModel(tf_keras.Model):
             score_threshold=cfg.detection.score_threshold,
             max_detections=cfg.detection.max_detections,
             pre_nms_top_k=cfg.detection.pre_nms_top_k, nms_version=cfg.detection.nms_version,
-            box_stds=cfg.roi_sampler.box_stds, name="detection_generator")
+            box_stds=cfg.roi_sampler.box_stds, dtype="float32", name="detection_generator")
 
     @property
     def model_config(self) -> configs.ModelConfig:

@@ -36,10 +36,10 @@ class RpnHead(tf_keras.layers.Layer):
         self._config_dict = {"num_anchors": num_anchors, "conv_channels": conv_channels}
         self._conv = tf_keras.layers.Conv2D(conv_channels, 3, padding="same", activation="relu",
                                             kernel_initializer=_small_normal(), name="rpn_conv")
-        self._scores = tf_keras.layers.Conv2D(num_anchors, 1, kernel_initializer=_small_normal(),
-                                              name="rpn_scores")
-        self._deltas = tf_keras.layers.Conv2D(4 * num_anchors, 1, kernel_initializer=_small_normal(),
-                                              name="rpn_boxes")
+        self._scores = tf_keras.layers.Conv2D(
+            num_anchors, 1, kernel_initializer=_small_normal(), name="rpn_scores")
+        self._deltas = tf_keras.layers.Conv2D(
+            4 * num_anchors, 1, kernel_initializer=_small_normal(), name="rpn_boxes")
 
     def call(self, features):
         x = self._conv(features)

@@ -57,7 +57,8 @@ def sample_balanced(positive: tf.Tensor, negative: tf.Tensor, num_samples: int,
     top_neg = tf.math.top_k(neg_keys, k=k, sorted=True).values  # [B, k]
     index = tf.clip_by_value(num_negatives - 1, 0, k - 1)
     neg_threshold = tf.gather(top_neg, index[:, None], batch_dims=1)[:, 0]
-    neg_threshold = tf.where(num_negatives > 0, neg_threshold, tf.fill(tf.shape(neg_threshold), 2.0))
+    # No negative wanted: a threshold above every key (keys are < 1).
+    neg_threshold = tf.where(num_negatives > 0, neg_threshold, 2.0)
     sampled_neg = negative & (neg_keys >= neg_threshold[:, None])
     return sampled_pos | sampled_neg
 
@@ -75,7 +76,8 @@ def indices_of_true(mask: tf.Tensor, count: int):
     mask = tf.pad(mask, [[0, 0], [0, pad]])
     # Stable order: True entries first, in index order.
     width = tf.shape(mask)[1]
-    order_key = tf.where(mask, 2 * width - tf.range(width)[None, :], width - tf.range(width)[None, :])
+    position = tf.range(width)[None, :]
+    order_key = tf.where(mask, 2 * width - position, width - position)
     _, indices = tf.math.top_k(order_key, k=count, sorted=True)
     valid = tf.gather(mask, indices, batch_dims=1)
     indices = tf.where(valid, indices, tf.zeros_like(indices))
