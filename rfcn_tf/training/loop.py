@@ -234,7 +234,10 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         print(f"model_dir {model_dir} is already trained to step {start_step} "
               f"(train.steps={train.steps}); nothing to train.", flush=True)
     else:
-        if restored:
+        if unfinished:
+            print(f"Resuming the unfinished run in {model_dir} from its backup "
+                  f"{unfinished}.", flush=True)
+        elif restored:
             print(f"Continuing from {restored} (step {start_step}, epoch {initial_epoch + 1} "
                   f"of {total_epochs}).", flush=True)
         history = trainer.fit(train_input, epochs=total_epochs, initial_epoch=initial_epoch,
@@ -255,10 +258,11 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
             eval_path = report.write_eval_results(
                 eval_results, os.path.join(model_dir, EVAL_RESULTS_FILE))
     latest = tf.train.latest_checkpoint(model_dir)
-    written = [p for p in [os.path.join(model_dir, "config.yaml"), latest,
-                           os.path.join(model_dir, "best"), os.path.join(model_dir, "logs"),
-                           os.path.join(model_dir, callbacks_lib.TRAIN_LOG_FILE), eval_path]
-               if p and tf.io.gfile.exists(p if not p == latest else p + ".index")]
+    candidates = [os.path.join(model_dir, "config.yaml"), os.path.join(model_dir, "best"),
+                  os.path.join(model_dir, "logs"),
+                  os.path.join(model_dir, callbacks_lib.TRAIN_LOG_FILE), eval_path]
+    written = ([latest] if latest else []) + [p for p in candidates
+                                               if p and tf.io.gfile.exists(p)]
     return TrainingSummary(
         model_dir=model_dir, start_step=start_step, final_step=int(optimizer.iterations.numpy()),
         seconds=time.time() - started, latest_checkpoint=latest, final_logs=final_logs,
