@@ -44,20 +44,7 @@ def _batch():
     }
 
 
-# Known model issue (rfcn_tf/modeling, not the training loop): under a mixed policy Keras
-# autocasts the floating inputs of RfcnDetectionGenerator (class_logits, image_info) to
-# the 16-bit compute dtype, and its tf.where against a float32 constant fails. Creating
-# that layer and ProposalGenerator with dtype="float32" fixes it (checked by patching
-# both constructors: this test then passes for both policies). strict=True turns the
-# fix into a failure here, so this mark is removed with it.
-MODEL_MIXED_PRECISION_ISSUE = pytest.mark.xfail(
-    strict=True, raises=tf.errors.InvalidArgumentError,
-    reason="RfcnDetectionGenerator/ProposalGenerator run in the 16-bit compute dtype")
-
-
-@pytest.mark.parametrize("policy", [
-    pytest.param("mixed_bfloat16", marks=MODEL_MIXED_PRECISION_ISSUE),
-    pytest.param("mixed_float16", marks=MODEL_MIXED_PRECISION_ISSUE)])
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_train_step_and_inference_under_mixed_precision(policy, restore_policy, monkeypatch):
     seen = []
     original = rfcn_tf.ops.psroi_pool
