@@ -118,8 +118,9 @@ def main(argv):
     results = tflite.convert(FLAGS.saved_model,
                              {v: os.path.join(out_dir, f"{v}.tflite") for v in tflite.VARIANTS},
                              size, lambda: tflite.load_images(calibration, size))
-    signature = tf.saved_model.load(FLAGS.saved_model).signatures["image_tensor"]
-    saved_model_fn = tf.function(lambda x: signature(input_tensor=x))
+    loaded = tf.saved_model.load(FLAGS.saved_model)  # keeps the variables alive
+    saved_model_fn = tf.function(
+        lambda x: loaded.signatures["image_tensor"](input_tensor=x))
     references = [{k: v.numpy() for k, v in saved_model_fn(tf.constant(i[None])).items()}
                   for i in eval_images]
     probe = eval_images[0][None]
