@@ -435,13 +435,25 @@ def _split_top_level(text: str) -> List[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
+    """The YAML mapping in file `path` ({} when empty); ConfigError names `what` and `path`
+    when the file is not valid YAML or holds something other than a mapping."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return loaded
+
+
 def parse_overrides(params_override: str) -> Dict[str, Any]:
     """Parses "a.b=1,c.d=x" (or a YAML mapping / YAML file path) into a nested dict."""
     if not params_override or not params_override.strip():
         return {}
     if os.path.isfile(params_override):
-        with open(params_override, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
+        return _read_yaml_mapping(params_override, "params_override file")
     nested: Dict[str, Any] = {}
     for item in _split_top_level(params_override):
         if "=" not in item:
@@ -484,13 +496,7 @@ def load_config(config_file: Optional[str] = None,
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
-        with open(config_file, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        loaded = _read_yaml_mapping(config_file, "config file")
         from_dict(ExperimentConfig, loaded)  # names the bad key relative to the file
         data = _deep_merge(data, loaded)
     data = _deep_merge(data, parse_overrides(params_override))

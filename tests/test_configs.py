@@ -80,6 +80,15 @@ def test_override_file_is_accepted(tmp_path):
     assert (config.train.steps, config.train.steps_per_epoch) == (40, 20)
 
 
+@pytest.mark.parametrize("text, fragment", [("train: [1\n", "not valid YAML"),
+                                            ("- 1\n- 2\n", "must hold a mapping")])
+def test_bad_override_file_is_a_config_error(tmp_path, text, fragment):
+    override = tmp_path / "override.yaml"
+    override.write_text(text)
+    with pytest.raises(ConfigError, match=f"params_override file .*{fragment}"):
+        load_config(None, str(override))
+
+
 def test_unknown_key_in_file_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  optimizer:\n    learning_rte: 0.1\n")
