@@ -23,6 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from rfcn_tf import ops as rfcn_ops
+from rfcn_tf.modeling import rpn
 
 FEATURE_STRIDE = 16
 
@@ -38,11 +39,6 @@ def boxes_to_psroi_rois(boxes: tf.Tensor) -> tf.Tensor:
     index = tf.cast(tf.repeat(tf.range(batch), num), tf.float32)
     flat = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     return tf.stack([index, flat[:, 1], flat[:, 0], flat[:, 3] - 1.0, flat[:, 2] - 1.0], axis=1)
-
-
-def _small_normal():
-    """A fresh N(0, 0.01^2) initializer (Faster R-CNN's init for new output convs)."""
-    return tf_keras.initializers.RandomNormal(stddev=0.01)
 
 
 @tf_keras.utils.register_keras_serializable(package="rfcn_tf")
@@ -82,9 +78,11 @@ class PositionSensitiveHead(tf_keras.layers.Layer):
         self._reduce = tf_keras.layers.Conv2D(reduce_channels, 1, activation="relu",
                                               kernel_initializer="he_normal", name="reduce")
         self._class_maps = tf_keras.layers.Conv2D(
-            k2 * (num_classes + 1), 1, kernel_initializer=_small_normal(), name="class_maps")
+            k2 * (num_classes + 1), 1, kernel_initializer=rpn.small_normal_initializer(),
+            name="class_maps")
         self._box_maps = tf_keras.layers.Conv2D(
-            k2 * self._num_box_outputs, 1, kernel_initializer=_small_normal(), name="box_maps")
+            k2 * self._num_box_outputs, 1, kernel_initializer=rpn.small_normal_initializer(),
+            name="box_maps")
 
     @property
     def psroi_impl(self) -> str:

@@ -16,7 +16,7 @@ from official.vision.ops import box_ops
 from official.vision.ops import nms
 
 
-def _small_normal():
+def small_normal_initializer():
     """A fresh N(0, 0.01^2) initializer (Faster R-CNN's init for new output convs)."""
     return tf_keras.initializers.RandomNormal(stddev=0.01)
 
@@ -34,12 +34,13 @@ class RpnHead(tf_keras.layers.Layer):
     def __init__(self, num_anchors: int, conv_channels: int = 512, **kwargs):
         super().__init__(**kwargs)
         self._config_dict = {"num_anchors": num_anchors, "conv_channels": conv_channels}
-        self._conv = tf_keras.layers.Conv2D(conv_channels, 3, padding="same", activation="relu",
-                                            kernel_initializer=_small_normal(), name="rpn_conv")
+        self._conv = tf_keras.layers.Conv2D(
+            conv_channels, 3, padding="same", activation="relu",
+            kernel_initializer=small_normal_initializer(), name="rpn_conv")
         self._scores = tf_keras.layers.Conv2D(
-            num_anchors, 1, kernel_initializer=_small_normal(), name="rpn_scores")
+            num_anchors, 1, kernel_initializer=small_normal_initializer(), name="rpn_scores")
         self._deltas = tf_keras.layers.Conv2D(
-            4 * num_anchors, 1, kernel_initializer=_small_normal(), name="rpn_boxes")
+            4 * num_anchors, 1, kernel_initializer=small_normal_initializer(), name="rpn_boxes")
 
     def call(self, features):
         x = self._conv(features)
