@@ -5,7 +5,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 
 import rfcn_tf  # noqa: F401
 import tensorflow as tf
