@@ -80,6 +80,9 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
         raise configs.ConfigError("evaluating a SavedModel reads the original images; eval_data "
                                   "must be in voc, coco or synthetic format, not tfrecord "
                                   "(evaluate the checkpoint instead)")
+    if not tf.saved_model.contains_saved_model(saved_model):
+        raise FileNotFoundError(f"no SavedModel at {saved_model} (expected saved_model.pb "
+                                f"in that directory, e.g. export_dir/<version>)")
     loaded = tf.saved_model.load(saved_model)
     serve = None
     for key in IMAGE_SIGNATURES:
