@@ -104,6 +104,8 @@ def test_boxes_are_relative_to_the_original_image():
     double = model(resized_from_double, training=False)
     np.testing.assert_allclose(plain["detection_boxes"].numpy(), double["detection_boxes"].numpy(),
                                atol=1e-6)
+    np.testing.assert_allclose(plain["detection_boxes_resized"].numpy(),
+                               double["detection_boxes_resized"].numpy(), atol=1e-6)
     n = int(plain["num_detections"][0])
     assert n > 0
     np.testing.assert_allclose(plain["detection_boxes"].numpy()[0, :n] * [64, 96, 64, 96],
