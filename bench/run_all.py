@@ -1,0 +1,258 @@
+"""All benchmarks of docs/benchmarks.md in one process: JSON, a Markdown table and a plot.
+
+  python bench/run_all.py [--output_dir=docs/benchmarks] [--depth=101]
+      [--sizes=600x1000,800x1333] [--train_sizes=600x1000] [--warmup=1] [--repeats=5]
+      [--train_warmup=1] [--train_repeats=3] [--profile_sizes=600x1000] [--profile_repeats=3]
+      [--flavours=custom,portable,saved_model,tflite] [--accuracy_steps=0]
+
+Measurements, in this order:
+ 1. inference latency (bench/detectors.py): per size, R-FCN's flavours and official.vision's
+    Faster R-CNN interleaved, together with the matmul and conv rate probes of
+    bench/machine_limit.py, so the rates are measured under the same load;
+ 2. the physical limit: FLOPs of both models at each size; percent of limit =
+    (FLOPs / best probe rate) / median latency;
+ 3. the stage profile of one inference (bench/profile_inference.py) at each of
+    --profile_sizes, with the NMS alternatives;
+ 4. the training step time (bench/detectors.py) at each training size;
+ 5. optionally (--accuracy_steps > 0) accuracy at equal budget (bench/equal_budget.py).
+Writes <output_dir>/results.json, results.md and latency.png. Every median is over the
+timed rounds; min and max are in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Dict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rfcn_tf  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+from absl import app, flags, logging  # noqa: E402
+
+from bench import detectors, equal_budget, machine_limit, profile_inference, timing  # noqa: E402,E501
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output_dir", "docs/benchmarks", "Where results.json/.md and the plot go.")
+flags.DEFINE_integer("profile_repeats", 3, "Timed rounds of the stage profile.")
+flags.DEFINE_string("profile_sizes", "600x1000", "Sizes HxW of the stage profile ('' skips).")
+
+PROBES = ("matmul_probe", "conv_probe")
+LABELS = {"rfcn_custom": "R-FCN (custom op)", "rfcn_portable": "R-FCN (portable)",
+          "rfcn_saved_model": "R-FCN SavedModel", "rfcn_tflite": "R-FCN TFLite fp32",
+          "faster_rcnn": "Faster R-CNN (official.vision)"}
+
+
+def measure_inference(size, rfcn, faster, flavours, work_dir) -> Dict[str, object]:
+    """Interleaved latencies of every candidate and rate probe at one size, FLOPs and
+    percent of the limit."""
+    candidates = detectors.inference_candidates(size, rfcn, faster, flavours, work_dir)
+    probes = {"matmul_probe": machine_limit.matmul_probe(),
+              "conv_probe": machine_limit.conv_probe()}
+    functions = {k: c.run for k, c in candidates.items()}
+    functions.update({k: run for k, (run, _) in probes.items()})
+    times = timing.alternate(functions, FLAGS.warmup, FLAGS.repeats,
+                             label=f"inference {detectors.size_name(size)}")
+    rates = {k: flops / timing.summarize(times[k])["median_s"] for k, (_, flops) in probes.items()}
+    limit = max(rates.values())
+    flops = {model: machine_limit.count_flops(candidates[name].concrete, model)
+             for model, name in (("rfcn", next(k for k in candidates if k.startswith("rfcn_")
+                                                and candidates[k].concrete is not None)),
+                                 ("faster_rcnn", "faster_rcnn"))}
+    latency = {}
+    for name, candidate in candidates.items():
+        summary = timing.summarize(times[name])
+        summary["percent_of_limit"] = machine_limit.percent_of_limit(
+            flops[candidate.model]["total"], summary["median_s"], limit)
+        latency[name] = summary
+    base = latency["faster_rcnn"]["median_s"]
+    for summary in latency.values():
+        summary["ratio_to_faster_rcnn"] = summary["median_s"] / base
+    return {"latency": latency, "rates_flops_per_s": rates, "limit_flops_per_s": limit,
+            "flops": flops,
+            "padded_input": {"rfcn": list(detectors.model_inputs(size, detectors.RFCN_PAD)[
+                                 "images"].shape[1:3]),
+                             "faster_rcnn": list(detectors.model_inputs(
+                                 size, detectors.FASTER_PAD)["images"].shape[1:3])}}
+
+
+def measure_training(size, rfcn, faster, experiment) -> Dict[str, object]:
+    steps = {"rfcn": detectors.rfcn_train_callable(rfcn, size, FLAGS.learning_rate),
+             "faster_rcnn": detectors.faster_train_callable(
+                 faster, experiment, size, FLAGS.num_classes, FLAGS.learning_rate)}
+    last = {}
+
+    def keep_last(name):
+        def run():
+            last[name] = steps[name]()
+        return run
+
+    times = timing.alternate({k: keep_last(k) for k in steps}, FLAGS.train_warmup,
+                             FLAGS.train_repeats, label=f"training {detectors.size_name(size)}")
+    result = {k: timing.summarize(v) for k, v in times.items()}
+    for name in steps:
+        result[name]["last_loss"] = float(last[name]["loss"])
+        result[name]["ratio_to_faster_rcnn"] = (result[name]["median_s"]
+                                                / result["faster_rcnn"]["median_s"])
+    return result
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f}"
+
+
+def markdown(results: Dict[str, object]) -> str:
+    """The tables of docs/benchmarks.md from a results dict."""
+    machine, settings = results["machine"], results["settings"]
+    lines = [f"Machine: {machine['cpu_model']}, {machine['physical_cores']} cores "
+             f"({machine['logical_cpus']} logical CPUs), TensorFlow {machine['tensorflow']}; "
+             f"load average {machine['load_average']} at the start, "
+             f"{results['load_average_end']} at the end. ResNet-{settings['depth']} backbones, "
+             f"{settings['num_classes']} classes, {settings['num_proposals']} test proposals, "
+             f"random weights, batch 1, fp32.", ""]
+    lines += ["### Inference latency (median ms)", ""]
+    names = [n for n in LABELS if any(n in r["latency"] for r in results["inference"].values())]
+    lines.append("| input | " + " | ".join(LABELS[n] for n in names)
+                 + " | R-FCN / Faster R-CNN | GFLOPs R-FCN / Faster | "
+                 "R-FCN % of limit | limit GFLOP/s (matmul / conv) |")
+    lines.append("|---" * (len(names) + 5) + "|")
+    for size, entry in results["inference"].items():
+        lat = entry["latency"]
+        ref = lat["rfcn_custom"] if "rfcn_custom" in lat else next(
+            lat[n] for n in lat if n.startswith("rfcn_"))
+        cells = [_ms(lat[n]["median_s"]) if n in lat else "n/m" for n in names]
+        best = min((lat[n] for n in lat if n.startswith("rfcn_")), key=lambda s: s["median_s"])
+        rates = entry["rates_flops_per_s"]
+        lines.append(
+            f"| {size} | " + " | ".join(cells)
+            + f" | {ref['ratio_to_faster_rcnn']:.2f}"
+            + f" | {entry['flops']['rfcn']['total'] / 1e9:.0f} / "
+              f"{entry['flops']['faster_rcnn']['total'] / 1e9:.0f}"
+            + f" | {ref['percent_of_limit']:.0f}% (best flavour "
+              f"{best['percent_of_limit']:.0f}%)"
+            + f" | {rates['matmul_probe'] / 1e9:.0f} / {rates['conv_probe'] / 1e9:.0f} |")
+    lines += ["", f"{settings['repeats']} timed rounds after {settings['warmup']} warm-up "
+              "rounds, candidates interleaved; n/m: not measured (see the notes).", ""]
+    if results["training"]:
+        lines += ["### Training step (median ms, SGD, batch 1)", "",
+                  "| input | R-FCN | Faster R-CNN | R-FCN / Faster R-CNN |", "|---|---|---|---|"]
+        for size, entry in results["training"].items():
+            lines.append(f"| {size} | {_ms(entry['rfcn']['median_s'])} | "
+                         f"{_ms(entry['faster_rcnn']['median_s'])} | "
+                         f"{entry['rfcn']['ratio_to_faster_rcnn']:.2f} |")
+        lines += ["", f"{settings['train_repeats']} timed rounds after "
+                  f"{settings['train_warmup']} warm-up rounds.", ""]
+    lines += ["### Where the time goes (stages timed separately)", ""]
+    for size, entry in results["profile"].items():
+        for model, breakdown in entry.items():
+            lines += [profile_inference.format_breakdown(f"{model} {size}", breakdown), ""]
+    if results.get("accuracy"):
+        acc = results["accuracy"]
+        lines += ["### Accuracy at equal budget (BCCD test, VOC07 mAP@0.5)", "",
+                  "| model | steps | mAP@0.5 | train s/step |", "|---|---|---|---|"]
+        for model, entry in acc["models"].items():
+            lines.append(f"| {model} | {acc['steps']} | {entry['mAP@0.5']:.3f} | "
+                         f"{entry['seconds_per_step']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: Dict[str, object], path: str) -> bool:
+    """Bar charts of the inference latencies (with R-FCN's compute limit) and training
+    steps; returns False (and logs why) when matplotlib is missing."""
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        logging.warning("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    panels = 2 if results["training"] else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    sizes = list(results["inference"])
+    names = [n for n in LABELS if any(n in results["inference"][s]["latency"] for s in sizes)]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [results["inference"][s]["latency"].get(name, {}).get("median_s", 0) for s in sizes]
+        ax.bar([j + i * width for j in range(len(sizes))], values, width, label=LABELS[name])
+    for j, size in enumerate(sizes):
+        entry = results["inference"][size]
+        floor = entry["flops"]["rfcn"]["total"] / entry["limit_flops_per_s"]
+        ax.hlines(floor, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="--",
+                  label="R-FCN FLOPs / measured limit" if j == 0 else None)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], sizes)
+    ax.set_ylabel("seconds per image (median)")
+    ax.set_title(f"Inference, ResNet-{results['settings']['depth']}, batch 1")
+    ax.legend(fontsize=7)
+    if results["training"]:
+        ax = axes[0][1]
+        tsizes = list(results["training"])
+        for i, (name, label) in enumerate((("rfcn", "R-FCN"), ("faster_rcnn", "Faster R-CNN"))):
+            ax.bar([j + i * 0.4 for j in range(len(tsizes))],
+                   [results["training"][s][name]["median_s"] for s in tsizes], 0.4, label=label)
+        ax.set_xticks([j + 0.2 for j in range(len(tsizes))], tsizes)
+        ax.set_ylabel("seconds per SGD step (median)")
+        ax.set_title("Training step, batch 1")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['machine']['cpu_model']}, {results['machine']['physical_cores']} "
+                 f"cores, load {results['machine']['load_average'][0]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv):
+    del argv
+    started = time.time()
+    sizes = detectors.parse_sizes(FLAGS.sizes)
+    train_sizes = detectors.parse_sizes(FLAGS.train_sizes)
+    flavours = detectors.parse_flavours(FLAGS.flavours)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="rfcn_bench_")
+    results = {"machine": timing.machine_info(),
+               "command": " ".join(["python"] + sys.argv),
+               "settings": {k: FLAGS[k].value for k in (
+                   "depth", "num_classes", "num_proposals", "sizes", "train_sizes", "flavours",
+                   "warmup", "repeats", "train_warmup", "train_repeats", "profile_sizes",
+                   "profile_repeats",
+                   "rfcn_freeze_at", "rfcn_frozen_batch_norm", "accuracy_steps")},
+               "inference": {}, "profile": {}, "training": {}}
+    rfcn = detectors.build_rfcn(FLAGS.depth, FLAGS.num_classes, FLAGS.num_proposals,
+                                FLAGS.rfcn_freeze_at, FLAGS.rfcn_frozen_batch_norm)
+    experiment = detectors.faster_rcnn_experiment(FLAGS.depth, FLAGS.num_classes,
+                                                  FLAGS.num_proposals)
+    faster = detectors.build_faster_rcnn(experiment)
+    for size in sizes:
+        results["inference"][detectors.size_name(size)] = measure_inference(
+            size, rfcn, faster, flavours, work_dir)
+    for size in detectors.parse_sizes(FLAGS.profile_sizes):
+        results["profile"][detectors.size_name(size)] = profile_inference.profile_size(
+            size, rfcn, faster, warmup=1, repeats=FLAGS.profile_repeats)
+    for size in train_sizes:
+        results["training"][detectors.size_name(size)] = measure_training(
+            size, rfcn, faster, experiment)
+    if FLAGS.accuracy_steps > 0:
+        results["accuracy"] = equal_budget.run(FLAGS.accuracy_steps, work_dir)
+    results["load_average_end"] = timing.load_average()
+    results["wall_minutes"] = (time.time() - started) / 60.0
+    json_path = os.path.join(FLAGS.output_dir, "results.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    table = markdown(results)
+    md_path = os.path.join(FLAGS.output_dir, "results.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    png_path = os.path.join(FLAGS.output_dir, "latency.png")
+    wrote_plot = plot(results, png_path)
+    print(table)
+    print(f"\nwrote {json_path}, {md_path}" + (f", {png_path}" if wrote_plot else "")
+          + f" in {results['wall_minutes']:.1f} min")
+
+
+if __name__ == "__main__":
+    app.run(main)
