@@ -170,6 +170,8 @@ setup(
         # would pull TensorFlow 2.21).
         "deploy": DEPLOY_REQUIRES,
         "test": ["pytest", "pytest-timeout"] + DEPLOY_REQUIRES,
+        # bench/run_all.py: the plot, and the TFLite runtime for the TFLite timings.
+        "bench": ["matplotlib", "ai-edge-litert==2.3.*"],
     },
     zip_safe=False,
 )
