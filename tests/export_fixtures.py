@@ -15,10 +15,7 @@ recipe fails loudly instead of making the export tests vacuous).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -155,13 +152,3 @@ def clean_env() -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
-
-
-def run_python(code: str, cwd: Optional[str] = None, timeout: int = 180) -> str:
-    """Runs `code` in a fresh interpreter (cwd outside the repository); returns stdout."""
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd or tempfile.gettempdir(),
-                            env=clean_env(), capture_output=True, text=True, timeout=timeout,
-                            check=False)
-    if result.returncode != 0:
-        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result.stdout
