@@ -148,7 +148,7 @@ def top_detections(outputs: Dict[str, np.ndarray], min_score: float = 0.3):
 
 
 def clean_env() -> Dict[str, str]:
-    """Environment for a fresh Python that must not see rfcn_tf (no PYTHONPATH to the repo)."""
+    """Environment for subprocesses: this one without PYTHONPATH, TensorFlow logs quiet."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
