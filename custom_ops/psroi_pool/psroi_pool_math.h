@@ -109,6 +109,12 @@ RFCN_HD inline AxisGeometry ComputeAxisGeometry(float lo, float hi, float spatia
   return g;
 }
 
+// `v` clipped to [0, limit], NaN to 0: fminf(fmaxf(v, 0.0f), limit) up to the
+// sign of a zero, with comparisons (on the host fminf and fmaxf are calls).
+RFCN_HD inline float ClipToExtent(float v, float limit) {
+  return v > 0.0f ? (v < limit ? v : limit) : 0.0f;
+}
+
 // Pixel interval of bin `index` along an axis of `extent` pixels
 // (extent <= kMaxExtent, so that it and every clipped bound are exact floats).
 RFCN_HD inline Interval ComputeBinInterval(const AxisGeometry& g, int index, int extent) {
@@ -116,8 +122,8 @@ RFCN_HD inline Interval ComputeBinInterval(const AxisGeometry& g, int index, int
   const float hi = ceilf(AddRn(MulRn(static_cast<float>(index + 1), g.bin), g.origin));
   const float limit = static_cast<float>(extent);
   Interval iv;
-  iv.start = static_cast<int>(fminf(fmaxf(lo, 0.0f), limit));
-  iv.end = static_cast<int>(fminf(fmaxf(hi, 0.0f), limit));
+  iv.start = static_cast<int>(ClipToExtent(lo, limit));
+  iv.end = static_cast<int>(ClipToExtent(hi, limit));
   return iv;
 }
 
@@ -157,21 +163,55 @@ RFCN_HD inline float BinAverage(const T* image, int width, int64_t channels, int
   return BinMean(sum, rows, cols);
 }
 
-// BinAverage of `count` consecutive channels at once, written to means[t]
-// (t < count). `image` points at the first channel of pixel (0, 0); pixels
-// are `pixel_stride` floats apart. Each channel's pixels are summed in the
-// same row-major order as BinAverage, so the results are bit-identical; the
-// contiguous channels let the CPU vectorise the sums.
-RFCN_HD inline void BinAverages(const float* image, int width, int64_t pixel_stride, int count,
-                                const Interval& rows, const Interval& cols, float* means) {
-  for (int t = 0; t < count; ++t) means[t] = 0.0f;
+// Adds channel t of every pixel of rows x cols to sums[t] for t < kCount,
+// the pixels in row-major order; channel t of pixel (h, w) is
+// image[(h * width + w) * pixel_stride + t * channel_stride] and `load`
+// converts it to float. The compile-time count keeps the sums in registers.
+template <int kCount, typename T, typename Load>
+RFCN_HD inline void AccumulateChannels(const T* image, int width, int64_t pixel_stride,
+                                       int64_t channel_stride, const Interval& rows,
+                                       const Interval& cols, Load load, float* sums) {
+  float acc[kCount];
+  for (int t = 0; t < kCount; ++t) acc[t] = sums[t];
   for (int h = rows.start; h < rows.end; ++h) {
     for (int w = cols.start; w < cols.end; ++w) {
-      const float* pixel = image + (static_cast<int64_t>(h) * width + w) * pixel_stride;
-      for (int t = 0; t < count; ++t) means[t] = AddRn(means[t], pixel[t]);
+      const T* pixel = image + (static_cast<int64_t>(h) * width + w) * pixel_stride;
+      for (int t = 0; t < kCount; ++t) acc[t] = AddRn(acc[t], load(pixel[t * channel_stride]));
     }
   }
-  for (int t = 0; t < count; ++t) means[t] = BinMean(means[t], rows, cols);
+  for (int t = 0; t < kCount; ++t) sums[t] = acc[t];
+}
+
+// AccumulateChannels for any number `count` of channels (in groups of up to
+// four). With an NHWC image, channel_stride = k * k and `image` pointing at
+// channel ScoreChannel(0, i, j, k) of pixel (0, 0), this adds up the D
+// channels of bin (i, j). Every channel gets its pixels in row-major order,
+// and calls over consecutive row ranges of a bin, top to bottom, continue
+// that order, so BinMean of sums that started at 0 is bit-identical to
+// BinAverage.
+template <typename T, typename Load>
+RFCN_HD inline void AccumulateBin(const T* image, int width, int64_t pixel_stride,
+                                  int64_t channel_stride, int64_t count, const Interval& rows,
+                                  const Interval& cols, Load load, float* sums) {
+  int64_t t = 0;
+  for (; t + 4 <= count; t += 4) {
+    AccumulateChannels<4>(image + t * channel_stride, width, pixel_stride, channel_stride, rows,
+                          cols, load, sums + t);
+  }
+  const T* rest = image + t * channel_stride;
+  switch (count - t) {
+    case 3:
+      AccumulateChannels<3>(rest, width, pixel_stride, channel_stride, rows, cols, load, sums + t);
+      break;
+    case 2:
+      AccumulateChannels<2>(rest, width, pixel_stride, channel_stride, rows, cols, load, sums + t);
+      break;
+    case 1:
+      AccumulateChannels<1>(rest, width, pixel_stride, channel_stride, rows, cols, load, sums + t);
+      break;
+    default:
+      break;
+  }
 }
 
 // Share of a bin's output gradient received by each of its pixels (0 for an

@@ -1,8 +1,9 @@
 // Standalone check of the PSRoIPool CUDA kernels (no TensorFlow): runs the
 // launchers of custom_ops/psroi_pool/psroi_pool_kernels.cu.cc on random inputs
 // and compares them with a host implementation built from the same
-// psroi_pool_math.h functions, laid out like the CPU kernel. Prints the max abs error per case and
-// PASS/FAIL; exits non-zero on failure or when no GPU is usable.
+// psroi_pool_math.h functions, summed like the CPU kernel. Prints the max abs
+// error per case and PASS/FAIL; exits non-zero on failure or when no GPU is
+// usable.
 //
 // Build and run: make -C tests/cuda && tests/cuda/psroi_pool_cuda_test
 #include <cuda_fp16.h>
@@ -45,28 +46,20 @@ void RoiBins(const float* roi, const PsRoiPoolDims& dims, Interval* rows, Interv
   }
 }
 
-// Host forward and backward the way the CPU kernel computes them: the score
-// maps are copied to bin-major layout [N, k*k, H, W, D] and each bin averages
-// D contiguous channels with BinAverages; the gradient is scattered with
+// Host forward and backward the way the CPU kernel computes them: each bin
+// sums its D channels (k*k apart in the NHWC score maps) with AccumulateBin
+// and averages them with BinMean; the gradient is scattered with
 // BinGradientShare.
+struct FloatLoad {
+  RFCN_HD float operator()(float v) const { return v; }
+};
+
 void HostPool(const std::vector<float>& maps, const std::vector<float>& rois,
               const PsRoiPoolDims& dims, const std::vector<float>& grad_pooled,
               std::vector<float>* pooled, std::vector<float>* grad_maps) {
   const int k = dims.group_size;
   const int64_t bins = static_cast<int64_t>(k) * k;
-  const int64_t pixels = static_cast<int64_t>(dims.height) * dims.width;
-  const int64_t image_size = pixels * dims.channels;
-  std::vector<float> bin_major(maps.size());
-  for (int64_t n = 0; n < dims.num_images; ++n) {
-    for (int64_t p = 0; p < pixels; ++p) {
-      for (int64_t b = 0; b < bins; ++b) {
-        for (int64_t d = 0; d < dims.depth; ++d) {
-          bin_major[((n * bins + b) * pixels + p) * dims.depth + d] =
-              maps[n * image_size + p * dims.channels + d * bins + b];
-        }
-      }
-    }
-  }
+  const int64_t image_size = static_cast<int64_t>(dims.height) * dims.width * dims.channels;
   std::vector<Interval> rows(k), cols(k);
   pooled->assign(dims.num_rois * bins * dims.depth, 0.0f);
   grad_maps->assign(dims.num_images * image_size, 0.0f);
@@ -77,10 +70,12 @@ void HostPool(const std::vector<float>& maps, const std::vector<float>& rois,
     for (int i = 0; i < k; ++i) {
       for (int j = 0; j < k; ++j) {
         const int64_t bin_index = (r * k + i) * k + j;
-        rfcn_psroi::BinAverages(&bin_major[(n * bins + i * k + j) * pixels * dims.depth],
-                                dims.width, dims.depth, static_cast<int>(dims.depth), rows[i],
-                                cols[j], &(*pooled)[bin_index * dims.depth]);
+        float* means = &(*pooled)[bin_index * dims.depth];
+        rfcn_psroi::AccumulateBin(&maps[n * image_size + rfcn_psroi::ScoreChannel(0, i, j, k)],
+                                  dims.width, dims.channels, bins, dims.depth, rows[i], cols[j],
+                                  FloatLoad(), means);
         for (int64_t d = 0; d < dims.depth; ++d) {
+          means[d] = rfcn_psroi::BinMean(means[d], rows[i], cols[j]);
           const int64_t c = rfcn_psroi::ScoreChannel(d, i, j, k);
           const float share = rfcn_psroi::BinGradientShare(
               grad_pooled[bin_index * dims.depth + d], rows[i], cols[j]);
