@@ -39,6 +39,11 @@ from absl import flags, logging  # noqa: E402
 
 from bench import detectors  # noqa: E402
 from rfcn_tf import configs  # noqa: E402
+from rfcn_tf.data import input_pipeline  # noqa: E402
+from rfcn_tf.modeling import builder, detection, rfcn_model  # noqa: E402
+from rfcn_tf.training import eval_loop  # noqa: E402
+from rfcn_tf.training import optimizer as optimizer_lib  # noqa: E402
+from rfcn_tf.training import trainer as trainer_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("accuracy_steps", 0, "Training steps of each model on BCCD (bench/run_all.py: "
@@ -78,9 +83,6 @@ def experiment_config(steps: int, batch_size: int, depth: int) -> configs.Experi
 
 
 def _rfcn_trainer(config: configs.ExperimentConfig):
-    from rfcn_tf.modeling import builder, rfcn_model  # pylint: disable=import-outside-toplevel
-    from rfcn_tf.training import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
-    from rfcn_tf.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
     detector = builder.build_model(config.model, load_pretrained=False)
     trainer = trainer_lib.DetectionTrainer(
         detector, [k for k in rfcn_model.LOSS_KEYS if k != "model_loss"],
@@ -100,8 +102,6 @@ def _rfcn_trainer(config: configs.ExperimentConfig):
 
 def _faster_trainer(config: configs.ExperimentConfig):
     from official.vision.tasks import maskrcnn  # pylint: disable=import-outside-toplevel
-    from rfcn_tf.modeling import detection  # pylint: disable=import-outside-toplevel
-    from rfcn_tf.training import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
     experiment = detectors.faster_rcnn_experiment(config.model.backbone.depth,
                                                   config.model.num_classes,
                                                   config.model.rpn.post_nms_top_k_test)
@@ -136,8 +136,6 @@ def run(steps: int, work_dir: str = None) -> Dict[str, object]:
     """Trains both models `steps` steps on the same BCCD batches, evaluates both; see the
     module docstring. work_dir is unused (kept for run_all's uniform call)."""
     del work_dir
-    from rfcn_tf.data import input_pipeline  # pylint: disable=import-outside-toplevel
-    from rfcn_tf.training import eval_loop  # pylint: disable=import-outside-toplevel
     if steps < 1:
         raise ValueError(f"--accuracy_steps must be >= 1, got {steps}")
     config = experiment_config(steps, FLAGS.accuracy_batch_size, FLAGS.accuracy_depth)

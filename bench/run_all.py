@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rfcn_tf  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
 from absl import app, flags, logging  # noqa: E402
 
-from bench import detectors, equal_budget, machine_limit, profile_inference, timing  # noqa: E402,E501
+from bench import detectors, equal_budget, machine_limit  # noqa: E402
+from bench import profile_inference, timing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "docs/benchmarks", "Where results.json/.md and the plot go.")
@@ -185,7 +186,8 @@ def plot(results: Dict[str, object], path: str) -> bool:
     names = [n for n in LABELS if any(n in results["inference"][s]["latency"] for s in sizes)]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [results["inference"][s]["latency"].get(name, {}).get("median_s", 0) for s in sizes]
+        values = [results["inference"][s]["latency"].get(name, {}).get("median_s", 0)
+                  for s in sizes]
         ax.bar([j + i * width for j in range(len(sizes))], values, width, label=LABELS[name])
     for j, size in enumerate(sizes):
         entry = results["inference"][size]
