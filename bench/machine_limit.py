@@ -14,9 +14,10 @@ FLOPs (a multiply-add is 2) of a concrete function traced with static shapes:
 
 Rates: `matmul_probe` chains fp32 [n, n] x [n, n] products, `conv_probe` chains 3x3
 convolutions of a ResNet conv3/conv4-like shape, each inside one tf.function; FLOPs per
-call / seconds per call is the sustained rate TensorFlow reaches on this machine. The
-machine's limit is the higher of the two; a model at that rate would take
-FLOPs / limit seconds, and `percent_of_limit` compares a measured latency to that.
+call / seconds per call is the sustained rate TensorFlow reaches on this machine.
+bench/run_all.py takes as the limit the best rate either probe reached in its run (they
+are timed interleaved with the models, under the same load); a model at that rate would
+take FLOPs / limit seconds, and `percent_of_limit` compares a measured latency to that.
 
   python bench/machine_limit.py --depth=101 --sizes=600x1000,800x1333
 prints the R-FCN FLOPs at each size and the measured rates.
