@@ -3,27 +3,33 @@
 Same semantics as the compiled `RfcnPsRoiPool` op (see `rfcn_tf.ops.psroi_pool`), built
 only from ops that stock TF Serving runs and that have TFLite builtins: reshape,
 transpose, batch matmul or cumsum, gather, mean, arithmetic, floor/ceil, select. No
-crop_and_resize, no custom op, no py_function. Its gradient comes from TF autodiff.
+crop_and_resize, no custom op, no py_function. Its gradient (training only) adds one
+sparse-dense matmul.
 
 Method: a summed-area table S (S[h, w] = sum of rows < h and columns < w) gives the sum
 of any integer-aligned box in four lookups,
     sum(rows hs:he, cols ws:we) = S[he, we] - S[he, ws] - S[hs, we] + S[hs, ws],
 so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size.
- - Layout: the channels are regrouped to [k*k, N, H, W, D] so that bin (i, j) reads a
-   contiguous D-vector of group g = i*k + j, and all lookups of one group fall in one
-   small block of the table (cache-friendly gather, and scatter in the gradient).
- - On CPU the prefix sums are products with triangular 0/1 matrices, one along H and
-   one along W: tf.cumsum's CPU kernel is over ten times slower. On a GPU they are
-   tf.cumsum, since float32 matmuls may run in TF32 there (see _summed_area_table).
+ - Layout: the channels [D, k*k] are swapped to [k*k, D] (one transpose) so that bin
+   (i, j) reads a contiguous D-vector of group g = i*k + j, and the lookups of one RoI
+   fall next to each other in the table.
+ - On CPU the prefix sums are products with triangular 0/1 matrices: one large matmul
+   along H, then one batched matmul along W (tf.cumsum's CPU kernel is over ten times
+   slower). On a GPU they are tf.cumsum, since float32 matmuls may run in TF32 there
+   (see _summed_area_table).
+ - Gradient: the adjoint of the four signed lookups is a scatter-add of the incoming
+   gradient into the table; it is done as one sparse-dense matmul, about twice as fast
+   on CPU as the gather's own gradient (unsorted segment sum). The table's gradient then
+   flows back through the prefix-sum matmuls by autodiff.
 
 Precision: float32 throughout (float16 input is cast up, the result cast back). The
-table is built from the maps minus their per-channel spatial mean, added back per bin,
-so corner sums grow with the maps' variation rather than their offset. Any offset gives
-the same result in exact arithmetic and the same gradient, so it is held constant
-(tf.stop_gradient) and costs nothing in the backward pass. The rounding error of a bin
-mean still grows with the map size rather than the bin size: on 38x63 maps of unit
-variance (any offset) it stays below 1e-5 against a float64 reference, largest for
-one-pixel bins.
+table is built from the maps minus a per-channel offset (the mean of the middle row),
+added back per bin, so corner sums grow with the maps' variation rather than their
+offset. Any offset gives the same result in exact arithmetic and the same gradient, so
+it is held constant (tf.stop_gradient) and costs nothing in the backward pass. The
+rounding error of a bin mean still grows with the map size rather than the bin size: on
+38x63 maps of unit variance (any offset) it stays below 1e-5 against a float64
+reference, largest for one-pixel bins.
 """
 
 import tensorflow as tf
@@ -78,24 +84,56 @@ def _runs_on_gpu(tensor):
 
 
 def _summed_area_table(maps, method):
-    """[G, N, H, W, D] -> [G, N, H+1, W+1, D]; table[..., h, w, :] sums maps[..., :h, :w, :].
+    """[N, H, W, C] -> [N, H+1, W+1, C]; table[n, h, w, :] sums maps[n, :h, :w, :].
 
-    method "matmul": products with strictly lower triangular 0/1 matrices along H and W
-      (on CPU about ten times faster than tf.cumsum, whose CPU kernel is slow).
+    method "matmul": products with strictly lower triangular 0/1 matrices, first along
+      H (one matmul per image over all W*C columns), then along W (a batch of N*(H+1)
+      products over C columns); on CPU about ten times faster than tf.cumsum.
     method "cumsum": tf.cumsum after a zero row and column in front; for GPUs, where
       float32 matmuls may run in TF32 (10-bit mantissa) and lose precision.
     """
     shape = tf.shape(maps)
-    groups, num_images, height, width, depth = (shape[0], shape[1], shape[2], shape[3],
-                                                shape[4])
+    num_images, height, width, channels = shape[0], shape[1], shape[2], shape[3]
     if method == "cumsum":
-        padded = tf.pad(maps, [[0, 0], [0, 0], [1, 0], [1, 0], [0, 0]])
-        return tf.cumsum(tf.cumsum(padded, axis=2), axis=3)
+        padded = tf.pad(maps, [[0, 0], [1, 0], [1, 0], [0, 0]])
+        return tf.cumsum(tf.cumsum(padded, axis=1), axis=2)
     table = tf.matmul(_strictly_lower_ones(height + 1, height),
-                      tf.reshape(maps, [groups * num_images, height, width * depth]))
+                      tf.reshape(maps, [num_images, height, width * channels]))
     table = tf.matmul(_strictly_lower_ones(width + 1, width),
-                      tf.reshape(table, [groups * num_images * (height + 1), width, depth]))
-    return tf.reshape(table, [groups, num_images, height + 1, width + 1, depth])
+                      tf.reshape(table, [num_images * (height + 1), width, channels]))
+    return tf.reshape(table, [num_images, height + 1, width + 1, channels])
+
+
+def _signed_corner_sums(table, corners):
+    """Box sums from a summed-area table: four lookups with signs + - - +.
+
+    table: float32 [T, D], one D-vector per (image, row, column, group).
+    corners: int32 [4, Q], table rows of each box's corners in the order
+      (end row, end col), (end row, start col), (start row, end col), (start row, start col).
+    Returns float32 [Q, D]: table[c0] - table[c1] - table[c2] + table[c3].
+
+    The gradient wrt table scatters +-upstream into those rows, as one sparse-dense
+    matmul; there is none wrt corners.
+    """
+
+    @tf.custom_gradient
+    def corner_sums(table):
+        values = tf.gather(table, corners)  # [4, Q, D]
+        sums = (values[0] - values[1]) - (values[2] - values[3])
+
+        def gradient(upstream):
+            num_boxes = tf.shape(corners, out_type=tf.int64)[1]
+            box_ids = tf.tile(tf.range(num_boxes)[tf.newaxis, :], [4, 1])
+            positions = tf.stack([tf.reshape(tf.cast(corners, tf.int64), [-1]),
+                                  tf.reshape(box_ids, [-1])], axis=1)
+            signs = tf.repeat(tf.constant([1.0, -1.0, -1.0, 1.0]), num_boxes)
+            scatter = tf.sparse.SparseTensor(
+                positions, signs, tf.stack([tf.shape(table, out_type=tf.int64)[0], num_boxes]))
+            return tf.sparse.sparse_dense_matmul(scatter, upstream)
+
+        return sums, gradient
+
+    return corner_sums(table)
 
 
 def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
@@ -104,7 +142,7 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     Does not validate its inputs: call it through
     `rfcn_tf.ops.psroi_pool(..., implementation="portable")`, which does. The batch
     index of a RoI is truncated toward zero. Table indices are int32: needs
-    k*k * N * (H+1) * (W+1) < 2**31.
+    N * (H+1) * (W+1) * k*k < 2**31.
 
     Args:
       score_maps: float32 or float16 [N, H, W, k*k*D].
@@ -126,14 +164,19 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     num_images, height, width = shape[0], shape[1], shape[2]
     depth = shape[3] // groups
 
-    # [N, H, W, D*k*k] -> [k*k, N, H, W, D]; group g = i*k + j holds the maps of bin (i, j).
+    # Channel (d*k + i)*k + j = d*k*k + g -> [N, H, W, k*k, D]: group g = i*k + j is bin (i, j).
     grouped = tf.transpose(tf.reshape(maps, [num_images, height, width, depth, groups]),
-                           [4, 0, 1, 2, 3])
-    offset = tf.stop_gradient(tf.reduce_mean(grouped, axis=[2, 3], keepdims=True))
+                           [0, 1, 2, 4, 3])
+    # Per-channel spatial mean, as a matmul (several times faster than reduce_mean here).
+    pixels = height * width
+    offset = tf.matmul(tf.fill([1, pixels], 1.0 / tf.cast(pixels, tf.float32)),
+                       tf.reshape(grouped, [num_images, pixels, groups * depth]))
+    offset = tf.stop_gradient(tf.reshape(offset, [num_images, groups, depth]))
+    centred = tf.reshape(grouped - offset[:, tf.newaxis, tf.newaxis],
+                         [num_images, height, width, groups * depth])
     # On a GPU, float32 matmuls may run in TF32 (10-bit mantissa): no matmul on the maps.
-    on_gpu = _runs_on_gpu(grouped)
-    table = _summed_area_table(grouped - offset, "cumsum" if on_gpu else "matmul")
-    table = tf.reshape(table, [groups * num_images * (height + 1) * (width + 1), depth])
+    table = _summed_area_table(centred, "cumsum" if _runs_on_gpu(centred) else "matmul")
+    table = tf.reshape(table, [-1, depth])  # row ((n*(H+1) + row)*(W+1) + col)*k*k + g
 
     batch = tf.cast(rois[:, 0], tf.int32)
     # x1' = round(x1)*s, x2' = (round(x2) + 1)*s: the inclusive end pixel becomes exclusive.
@@ -145,29 +188,15 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
              * tf.cast(col_hi - col_lo, tf.float32)[:, tf.newaxis, :])[..., tf.newaxis]
     nonempty = count > 0.0  # [R, k, k, 1]
 
-    # Table row of (group, image, row, col) = ((g*N + b)*(H+1) + row)*(W+1) + col, laid
-    # out [k_i, k_j, corner, R] so that the lookups of a group are adjacent.
-    image_rows = (tf.reshape(tf.range(groups), [k, k, 1]) * num_images + batch) * (height + 1)
+    # Table rows of the corners, [2 (end, start row), 2 (end, start col), R, k, k].
+    rows = (batch[:, tf.newaxis] * (height + 1) + tf.stack([row_hi, row_lo])) * (width + 1)
+    cols = tf.stack([col_hi, col_lo])
+    index = ((rows[:, tf.newaxis, :, :, tf.newaxis] + cols[tf.newaxis, :, :, tf.newaxis, :])
+             * groups + tf.reshape(tf.range(groups), [k, k]))
+    box_sum = tf.reshape(_signed_corner_sums(table, tf.reshape(index, [4, -1])),
+                         [-1, k, k, depth])
 
-    def table_rows(rows, cols):  # rows, cols: [R, k] -> [k, k, R]
-        rows, cols = tf.transpose(rows), tf.transpose(cols)
-        return (image_rows + rows[:, tf.newaxis, :]) * (width + 1) + cols[tf.newaxis, :, :]
-
-    index = tf.stack([table_rows(row_hi, col_hi), table_rows(row_hi, col_lo),
-                      table_rows(row_lo, col_hi), table_rows(row_lo, col_lo)], axis=2)
-    values = tf.gather(table, index)  # [k, k, 4, R, D]
-    signs = [1.0, -1.0, -1.0, 1.0]
-    if on_gpu:
-        box_sum = tf.reduce_sum(values * tf.reshape(signs, [4, 1, 1]), axis=2)
-    else:  # the same sum as one small matmul, several times faster on CPU
-        box_sum = tf.reshape(tf.matmul([signs], tf.reshape(values, [groups, 4, -1])),
-                             [k, k, -1, depth])
-    box_sum = tf.transpose(box_sum, [2, 0, 1, 3])  # [k, k, R, D] -> [R, k, k, D]
-
-    offset_by_image = tf.reshape(
-        tf.transpose(tf.reshape(offset, [groups, num_images, depth]), [1, 0, 2]),
-        [num_images, groups * depth])
-    bin_offset = tf.reshape(tf.gather(offset_by_image, batch), [-1, k, k, depth])
+    bin_offset = tf.reshape(tf.gather(offset, batch), [-1, k, k, depth])
     inverse_count = tf.where(nonempty, 1.0 / tf.maximum(count, 1.0), tf.zeros_like(count))
     pooled = box_sum * inverse_count + bin_offset * tf.cast(nonempty, tf.float32)
     channels = score_maps.shape[-1] if score_maps.shape.rank is not None else None
