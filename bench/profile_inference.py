@@ -116,10 +116,12 @@ def rfcn_nms_alternatives(model, images: tf.Tensor, image_info: tf.Tensor
                            post_nms_top_k_test;
       proposal_nms_v4      tf.image.non_max_suppression_padded (NonMaxSuppressionV4, a
                            TFLite builtin) on the same boxes, same IoU and output count;
-      detection_v2         the model's detection generator (nms_version "v2", what runs
-                           now: official.vision's padded per-class NMS);
+      detection_v2         the model's detection generator with nms_version "v2"
+                           (official.vision's padded per-class NMS; what portable
+                           exports, and so TFLite, run);
       detection_batched    the same generator with nms_version "batched"
-                           (tf.image.combined_non_max_suppression; no TFLite builtin).
+                           (tf.image.combined_non_max_suppression; no TFLite builtin;
+                           the default of model.detection.nms_version).
     The inputs are this image's real RPN / head outputs, computed once beforehand.
     """
     from official.vision.ops import box_ops, nms  # pylint: disable=import-outside-toplevel
@@ -144,10 +146,11 @@ def rfcn_nms_alternatives(model, images: tf.Tensor, image_info: tf.Tensor
     proposals, _ = model.proposal_generator(scores, deltas, anchors, image_info[:, 1, :],
                                             training=False)
     class_logits, box_deltas = model.head(features["conv5"], proposals)
-    generator = model.detection_generator
-    batched = type(generator).from_config({**generator.get_config(), "nms_version": "batched",
-                                           "name": "detection_generator_batched"})
-    for name, layer in (("detection_v2", generator), ("detection_batched", batched)):
+    generator_config = model.detection_generator.get_config()
+    generators = {f"detection_{version}": type(model.detection_generator).from_config(
+        {**generator_config, "nms_version": version, "name": f"detection_generator_{version}"})
+        for version in ("v2", "batched")}
+    for name, layer in generators.items():
         calls[name], _ = _run(tf.function(
             lambda c, b, p, i, layer=layer: layer(c, b, p, rpn.valid_boxes(p), i)),
             (class_logits, box_deltas, proposals, image_info))

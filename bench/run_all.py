@@ -4,6 +4,7 @@
       [--sizes=600x1000,800x1333] [--train_sizes=600x1000] [--warmup=1] [--repeats=5]
       [--train_warmup=1] [--train_repeats=3] [--profile_sizes=600x1000] [--profile_repeats=3]
       [--flavours=custom,portable,saved_model,tflite] [--accuracy_steps=0]
+      [--accuracy_results=equal_budget.json]
 
 Measurements, in this order:
  1. inference latency (bench/detectors.py): per size, R-FCN's flavours and official.vision's
@@ -14,7 +15,9 @@ Measurements, in this order:
  3. the stage profile of one inference (bench/profile_inference.py) at each of
     --profile_sizes, with the NMS alternatives;
  4. the training step time (bench/detectors.py) at each training size;
- 5. optionally (--accuracy_steps > 0) accuracy at equal budget (bench/equal_budget.py).
+ 5. optionally (--accuracy_steps > 0) accuracy at equal budget (bench/equal_budget.py),
+    or (--accuracy_results) the JSON of an earlier `bench/equal_budget.py --output` run,
+    included as it is with its path: that training takes hours for a meaningful budget.
 Writes <output_dir>/results.json, results.md and latency.png. Every median is over the
 timed rounds; min and max are in the JSON.
 """
@@ -40,6 +43,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "docs/benchmarks", "Where results.json/.md and the plot go.")
 flags.DEFINE_integer("profile_repeats", 3, "Timed rounds of the stage profile.")
 flags.DEFINE_string("profile_sizes", "600x1000", "Sizes HxW of the stage profile ('' skips).")
+flags.DEFINE_string("accuracy_results", None, "Include this `bench/equal_budget.py --output` "
+                    "JSON as the accuracy at equal budget (instead of --accuracy_steps).")
 
 PROBES = ("matmul_probe", "conv_probe")
 LABELS = {"rfcn_custom": "R-FCN (custom op)", "rfcn_portable": "R-FCN (portable)",
@@ -160,7 +165,8 @@ def markdown(results: Dict[str, object]) -> str:
             lines += [profile_inference.format_breakdown(f"{model} {size}", breakdown), ""]
     if results.get("accuracy"):
         acc = results["accuracy"]
-        lines += ["### Accuracy at equal budget (BCCD test, VOC07 mAP@0.5)", "",
+        source = f" (from {acc['source']})" if acc.get("source") else ""
+        lines += [f"### Accuracy at equal budget (BCCD test, VOC07 mAP@0.5){source}", "",
                   "| model | steps | mAP@0.5 | train s/step |", "|---|---|---|---|"]
         for model, entry in acc["models"].items():
             lines.append(f"| {model} | {acc['steps']} | {entry['mAP@0.5']:.3f} | "
@@ -218,6 +224,8 @@ def plot(results: Dict[str, object], path: str) -> bool:
 
 def main(argv):
     del argv
+    if FLAGS.accuracy_steps > 0 and FLAGS.accuracy_results:
+        raise app.UsageError("give --accuracy_steps or --accuracy_results, not both")
     started = time.time()
     sizes = detectors.parse_sizes(FLAGS.sizes)
     train_sizes = detectors.parse_sizes(FLAGS.train_sizes)
@@ -246,6 +254,9 @@ def main(argv):
     for size in train_sizes:
         results["training"][detectors.size_name(size)] = measure_training(
             size, rfcn, faster, experiment)
+    if FLAGS.accuracy_results:
+        with open(FLAGS.accuracy_results, encoding="utf-8") as f:
+            results["accuracy"] = {**json.load(f), "source": FLAGS.accuracy_results}
     if FLAGS.accuracy_steps > 0:
         results["accuracy"] = equal_budget.run(FLAGS.accuracy_steps, work_dir)
     results["load_average_end"] = timing.load_average()

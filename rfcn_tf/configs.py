@@ -136,15 +136,17 @@ class DetectionConfig:
     """Inference post-processing: per-class NMS on the decoded boxes.
 
     pre_nms_top_k: per class, the best-scoring RoIs that enter the NMS.
-    nms_version: "v2" (official.vision's padded NMS, TFLite-builtin friendly) or
-      "batched" (tf.image.combined_non_max_suppression).
+    nms_version: "batched" (tf.image.combined_non_max_suppression: one fused op, 2.8 ms
+      against 79 ms for "v2" at 600x1000 with 300 RoIs and 20 classes on 2 CPU cores;
+      no TFLite builtin) or "v2" (official.vision's padded NMS, a loop of TFLite
+      builtins). Exports choose their own (export.nms_version).
     """
 
     nms_iou: float = 0.3
     score_threshold: float = 0.05
     max_detections: int = 100
     pre_nms_top_k: int = 300
-    nms_version: str = "v2"
+    nms_version: str = "batched"
 
 
 @dataclasses.dataclass
@@ -329,11 +331,15 @@ class ExportConfig:
     input_type: the input of serving_default: "image_tensor", "encoded_image_string_tensor"
       or "tf_example".
     extra_signatures: also write one signature per input type, named after it.
+    nms_version: the detection NMS in the graph: "auto" (the portable flavour gets "v2",
+      so that it converts to TFLite builtins; the custom flavour keeps
+      model.detection.nms_version), "v2" or "batched".
     """
 
     psroi_impl: str = "portable"
     input_type: str = "image_tensor"
     extra_signatures: bool = True
+    nms_version: str = "auto"
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import rfcn_tf  # noqa: F401  pylint: disable=unused-import
 from data_test_utils import bccd_root
 
 from rfcn_tf.configs import DataConfig
-from rfcn_tf.data import converters, input_pipeline, tfrecord, validation, voc
+from rfcn_tf.data import converters, input_pipeline, sources, tfrecord, validation, voc
 from rfcn_tf.data import report as rpt
 from rfcn_tf.data.label_map import LabelMap, read_label_map
 
@@ -71,6 +71,12 @@ def test_bccd_zero_area_boxes_are_dropped_and_named():
 
 def test_default_label_map_is_sorted_over_all_annotations():
     assert voc.dataset_class_names(bccd_root()) == sorted(CLASSES)
+
+
+def test_label_map_of_matches_the_source():
+    config = DataConfig(format="voc", path=bccd_root(), split="test")
+    assert sources.label_map_of(config) == sources.open_source(config).label_map
+    assert sources.label_map_of(config).names == ["Platelets", "RBC", "WBC"]
 
 
 def test_tfrecord_conversion_round_trip(tmp_path):

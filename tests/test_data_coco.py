@@ -9,7 +9,7 @@ import rfcn_tf  # noqa: F401  pylint: disable=unused-import
 from data_test_utils import image_bytes
 
 from rfcn_tf.configs import DataConfig
-from rfcn_tf.data import coco, converters, input_pipeline, tfrecord, validation
+from rfcn_tf.data import coco, converters, input_pipeline, sources, tfrecord, validation
 from rfcn_tf.data import report as rpt
 from rfcn_tf.data.label_map import LabelMap
 from rfcn_tf.data.records import DataError
@@ -138,3 +138,15 @@ def test_not_json_is_a_clear_error(tmp_path):
         coco.read_coco(str(path), str(tmp_path))
     with pytest.raises(DataError, match="not found"):
         coco.read_coco(str(tmp_path / "missing.json"), str(tmp_path))
+
+
+def test_label_map_of_reads_no_image(coco_set):
+    # The training loop asks only for the class names: the categories, not the images.
+    path, images, _ = coco_set
+    config = DataConfig(format="coco", path=images, annotation_file=path)
+    assert sources.label_map_of(config) == sources.open_source(config).label_map
+    missing_images = DataConfig(format="coco", path=images + "_gone", annotation_file=path)
+    assert sources.label_map_of(missing_images).names == ["bird", "cat"]
+    named = DataConfig(format="coco", path=images + "_gone", annotation_file=path,
+                       class_names=["cat"])
+    assert sources.label_map_of(named).names == ["cat"]

@@ -65,6 +65,9 @@ def test_layout_assets_and_metadata(export_path):
     assert saved_model.read_class_names(export_path) == {1: "square", 2: "bar"}
     meta = saved_model.read_metadata(export_path)
     assert meta["psroi_impl"] == "portable" and meta["input_type"] == "image_tensor"
+    # The portable flavour gets the TFLite-friendly NMS whatever model.detection says.
+    assert meta["nms_version"] == "v2"
+    assert "CombinedNonMaxSuppression" not in graph_ops.saved_model_op_types(export_path)
     assert meta["preprocessing"]["short_side"] == ef.IMAGE_SIZE
     assert meta["signatures"]["serving_default"] == "image_tensor"
 
@@ -212,11 +215,28 @@ def test_custom_flavour_uses_the_compiled_op_and_agrees(tmp_path, reference):
                                        psroi_impl="custom", class_names=ef.CLASS_NAMES,
                                        extra_signatures=False)
     assert detector.head.psroi_impl == "portable"  # restored after the export
-    assert graph_ops.custom_ops(graph_ops.saved_model_op_types(path)) == {"RfcnPsRoiPool"}
+    ops = graph_ops.saved_model_op_types(path)
+    assert graph_ops.custom_ops(ops) == {"RfcnPsRoiPool"}
     assert saved_model.read_metadata(path)["psroi_impl"] == "custom"
+    # The custom flavour keeps the model's NMS (model.detection.nms_version: batched).
+    assert saved_model.read_metadata(path)["nms_version"] == "batched"
+    assert "CombinedNonMaxSuppression" in ops
     outputs = tf.saved_model.load(path).signatures["serving_default"](
         input_tensor=tf.constant(ef.scene()[None]))
     assert_same_detections({k: v.numpy() for k, v in outputs.items()}, reference, atol=1e-3)
+
+
+def test_portable_export_with_batched_nms(tmp_path, reference):
+    config, detector = ef.trained()
+    path = saved_model.export_detector(detector, config, str(tmp_path), nms_version="batched",
+                                       class_names=ef.CLASS_NAMES, extra_signatures=False)
+    assert detector.detection_generator.get_config()["nms_version"] == "batched"  # restored
+    ops = graph_ops.saved_model_op_types(path)
+    assert "CombinedNonMaxSuppression" in ops and not graph_ops.custom_ops(ops)
+    assert saved_model.read_metadata(path)["nms_version"] == "batched"
+    outputs = tf.saved_model.load(path).signatures["serving_default"](
+        input_tensor=tf.constant(ef.scene()[None]))
+    assert_same_detections({k: v.numpy() for k, v in outputs.items()}, reference)
 
 
 def test_export_refuses_bad_options():
@@ -225,6 +245,8 @@ def test_export_refuses_bad_options():
         saved_model.export_detector(detector, config, "/nonexistent", input_type="jpeg")
     with pytest.raises(saved_model.ExportError, match="'auto' would make the flavour"):
         saved_model.export_detector(detector, config, "/nonexistent", psroi_impl="auto")
+    with pytest.raises(saved_model.ExportError, match="nms_version must be one of"):
+        saved_model.export_detector(detector, config, "/nonexistent", nms_version="v9")
     with pytest.raises(saved_model.ExportError, match="1 class names for model.num_classes=2"):
         saved_model.export_detector(detector, config, "/nonexistent", class_names=["x"])
 

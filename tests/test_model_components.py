@@ -245,9 +245,10 @@ def test_to_original_normalized_by_hand():
                                [[[0.1, 0.1, 0.5, 0.5]], [[0.15, 0.15, 0.55, 0.55]]], atol=1e-6)
 
 
-def test_detection_generator_per_class_nms_by_hand():
+@pytest.mark.parametrize("nms_version", detection.NMS_VERSIONS)
+def test_detection_generator_per_class_nms_by_hand(nms_version):
     gen = detection.RfcnDetectionGenerator(num_classes=2, nms_iou=0.3, score_threshold=0.05,
-                                           max_detections=5)
+                                           max_detections=5, nms_version=nms_version)
     rois = tf.constant([[[10, 10, 50, 50], [60, 60, 90, 90], [0, 0, 0, 0], [12, 12, 50, 50]]],
                        tf.float32)
     logits = tf.constant([[[0.0, 2.0, 1.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [0.0, 1.5, 0.0]]])
@@ -267,6 +268,34 @@ def test_detection_generator_per_class_nms_by_hand():
                                 [0.1, 0.1, 0.5, 0.5]], atol=1e-6)
     assert out["detection_classes"].dtype == tf.float32
     assert out["num_detections"].dtype == tf.float32
+
+
+def test_detection_generator_nms_versions_agree_on_crowded_rois():
+    # 300 RoIs in clusters (many overlaps above and below the IoU), 20 classes: the fused
+    # combined NMS ("batched") and official.vision's padded NMS ("v2") keep the same boxes.
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(40, 560, (12, 2))[rng.integers(0, 12, 300)] + rng.normal(0, 6, (300, 2))
+    sides = rng.uniform(30, 120, (300, 2))
+    rois = tf.constant(np.concatenate([centres - sides / 2, centres + sides / 2], 1)[None],
+                       tf.float32)
+    logits = tf.constant(rng.normal(0, 2, (1, 300, 21)), tf.float32)
+    deltas = tf.constant(rng.normal(0, 0.1, (1, 300, 4)), tf.float32)
+    info = tf.constant(mtu.image_info(1, 600, 600))
+    outputs = {}
+    for version in detection.NMS_VERSIONS:
+        gen = detection.RfcnDetectionGenerator(num_classes=20, max_detections=100,
+                                               nms_version=version)
+        outputs[version] = gen(logits, deltas, rois, rpn.valid_boxes(rois), info)
+    batched, padded = outputs["batched"], outputs["v2"]
+    assert batched["num_detections"].numpy()[0] == padded["num_detections"].numpy()[0] > 20
+    for key in ("detection_boxes", "detection_scores", "detection_classes"):
+        np.testing.assert_allclose(batched[key].numpy(), padded[key].numpy(), atol=1e-5,
+                                   err_msg=key)
+
+
+def test_detection_generator_rejects_unknown_nms():
+    with pytest.raises(ValueError, match="nms_version must be one of"):
+        detection.RfcnDetectionGenerator(num_classes=2, nms_version="v9")
 
 
 # --------------------------------------------------------------- get_config --

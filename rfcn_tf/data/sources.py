@@ -93,6 +93,22 @@ def resolve_label_map(cfg: DataConfig, dataset_dir: Optional[str] = None) -> Opt
     return read_label_map(found) if found else None
 
 
+def label_map_of(cfg: DataConfig) -> LabelMap:
+    """The label map that open_source(cfg) would use, without reading the images or the
+    per-image annotations: class_names, the label_map file or one beside the data, else
+    the COCO categories / the VOC class names found in the annotations."""
+    check_config(cfg)
+    if cfg.format == "tfrecord":
+        return open_source(cfg).label_map  # lists the files only
+    if cfg.format == "coco":
+        data_dir = os.path.dirname(os.path.abspath(cfg.annotation_file))
+        return (resolve_label_map(cfg, data_dir)
+                or coco.dataset_label_map(coco.load_json(cfg.annotation_file),
+                                          cfg.annotation_file))
+    root = synthetic_root(cfg) if cfg.format == "synthetic" else cfg.path
+    return resolve_label_map(cfg, root) or LabelMap.from_names(voc.dataset_class_names(root))
+
+
 def open_source(cfg: DataConfig) -> Source:
     """Reads what `cfg` names; bad images and boxes are counted in source.report."""
     check_config(cfg)

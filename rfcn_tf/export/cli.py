@@ -3,7 +3,8 @@ r"""`python -m rfcn_tf.export`: a training checkpoint -> SavedModel for TF Servi
   python -m rfcn_tf.export --config_file=configs/rfcn_bccd.yaml \
       --checkpoint=runs/bccd/best --export_dir=runs/bccd/export \
       [--input_type=image_tensor|encoded_image_string_tensor|tf_example] \
-      [--psroi_impl=portable|custom] [--version=N] [--params_override=...]
+      [--psroi_impl=portable|custom] [--nms_version=auto|batched|v2] [--version=N]
+      [--params_override=...]
   python -m rfcn_tf.export --model_dir=runs/bccd        # its config.yaml, best or latest
 
 writes export_dir/<version>/ (see rfcn_tf.export.saved_model). `python -m
@@ -38,6 +39,10 @@ flags.DEFINE_enum("input_type", None, list(inputs_lib.INPUT_TYPES),
 flags.DEFINE_enum("psroi_impl", None, list(saved_model.PSROI_FLAVOURS),
                   "PSRoI pooling in the graph (default: the config's export.psroi_impl, "
                   "portable): portable = stock TF ops only; custom = the compiled op.")
+flags.DEFINE_enum("nms_version", None, list(saved_model.NMS_CHOICES),
+                  "Detection NMS in the graph (default: the config's export.nms_version, "
+                  "auto): auto = v2 (TFLite builtins) for the portable flavour, the model's "
+                  "detection.nms_version (batched) for the custom one.")
 flags.DEFINE_integer("version", None, "Model version directory (default: the checkpoint's "
                      "step).")
 
@@ -63,7 +68,7 @@ def main(argv):
         export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
         path = saved_model.export_saved_model(
             config, checkpoint, export_dir, FLAGS.version, input_type=FLAGS.input_type,
-            psroi_impl=FLAGS.psroi_impl)
+            psroi_impl=FLAGS.psroi_impl, nms_version=FLAGS.nms_version)
     except (configs.ConfigError, saved_model.ExportError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
         sys.exit(f"rfcn_tf.export: error: {e}")
@@ -71,7 +76,8 @@ def main(argv):
     print(f"\nWrote SavedModel {path} from {checkpoint}")
     print(f"  signatures: {', '.join(f'{k} ({v})' for k, v in meta['signatures'].items())}; "
           f"input '{saved_model.INPUT_NAME}', outputs {', '.join(saved_model.OUTPUT_KEYS)}")
-    print(f"  PSRoI pooling: {meta['psroi_impl']}; classes: {meta['class_names']}")
+    print(f"  PSRoI pooling: {meta['psroi_impl']}; NMS: {meta['nms_version']}; "
+          f"classes: {meta['class_names']}")
     print(f"  assets: {os.path.join(path, 'assets', saved_model.LABEL_MAP_ASSET)}, "
           f"{os.path.join(path, 'assets', saved_model.METADATA_ASSET)}")
 

@@ -27,6 +27,11 @@ PSRoI pooling flavour (psroi_impl): "portable" (default) uses stock TensorFlow o
 only, so stock TF Serving, a Python without rfcn_tf, TFLite and tf2onnx can all run
 it; "custom" uses the compiled RfcnPsRoiPool op, which the consumer must register
 (tf.load_op_library, or a TF Serving build that links BUILD's :psroi_pool_ops).
+
+Detection NMS (nms_version, config export.nms_version): "auto" gives the portable
+flavour official.vision's "v2" NMS (TFLite builtins) and the custom flavour the model's
+model.detection.nms_version ("batched" by default: tf.image.combined_non_max_suppression,
+much faster in TensorFlow); "v2" or "batched" force one.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from absl import logging
 from rfcn_tf import configs
 from rfcn_tf.export import graph_ops
 from rfcn_tf.export import inputs as inputs_lib
+from rfcn_tf.modeling import detection
 
 SIGNATURE_KEY = "serving_default"
 INPUT_NAME = inputs_lib.INPUT_NAME
@@ -51,6 +57,7 @@ OUTPUT_KEYS = inputs_lib.OUTPUT_KEYS
 LABEL_MAP_ASSET = "label_map.pbtxt"
 METADATA_ASSET = "rfcn_export.json"
 PSROI_FLAVOURS = ("portable", "custom")
+NMS_CHOICES = ("auto",) + detection.NMS_VERSIONS
 
 
 class ExportError(ValueError):
@@ -123,6 +130,18 @@ def _check_psroi_flavour(psroi_impl: str) -> None:
                               ) from error
 
 
+def resolve_nms_version(nms_version: str, psroi_impl: str,
+                        model_config: configs.ModelConfig) -> str:
+    """The NMS of an export: "auto" -> "v2" for the portable flavour (TFLite builtins),
+    the model's detection.nms_version for the custom one. Raises ExportError for an
+    unknown name."""
+    if nms_version not in NMS_CHOICES:
+        raise ExportError(f"nms_version must be one of {NMS_CHOICES}, got {nms_version!r}")
+    if nms_version != "auto":
+        return nms_version
+    return "v2" if psroi_impl == "portable" else model_config.detection.nms_version
+
+
 def _write_assets(directory: str, class_names: Sequence[str], metadata: dict) -> List[str]:
     from rfcn_tf.data.label_map import LabelMap  # pylint: disable=import-outside-toplevel
     label_map_path = LabelMap.from_names(class_names).write(
@@ -137,13 +156,14 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
                     version: int = 1, *, input_type: Optional[str] = None,
                     psroi_impl: Optional[str] = None,
                     class_names: Optional[Sequence[str]] = None,
-                    extra_signatures: Optional[bool] = None) -> str:
+                    extra_signatures: Optional[bool] = None,
+                    nms_version: Optional[str] = None) -> str:
     """Saves `detector` (an RfcnModel) as export_dir/<version>; returns that path.
 
-    input_type / psroi_impl / extra_signatures default to config.export's; class_names to
-    `class_names_for_export(config)`. An existing export_dir/<version> is replaced.
-    The detector's PSRoI implementation is switched for the trace and restored after.
-    Raises ExportError for a bad input type, flavour or class list.
+    input_type / psroi_impl / extra_signatures / nms_version default to config.export's;
+    class_names to `class_names_for_export(config)`. An existing export_dir/<version> is
+    replaced. The detector's PSRoI implementation and NMS are switched for the trace and
+    restored after. Raises ExportError for a bad input type, flavour, NMS or class list.
     """
     input_type = input_type or config.export.input_type
     psroi_impl = psroi_impl or config.export.psroi_impl
@@ -151,6 +171,8 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
         raise ExportError(f"input_type must be one of {inputs_lib.INPUT_TYPES}, "
                           f"got {input_type!r}")
     _check_psroi_flavour(psroi_impl)
+    nms_version = resolve_nms_version(nms_version or config.export.nms_version, psroi_impl,
+                                      config.model)
     if version < 1:
         raise ExportError(f"version must be >= 1 (TF Serving's numbering), got {version}")
     class_names = list(class_names) if class_names else class_names_for_export(config)
@@ -166,7 +188,7 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
         "tensorflow_version": tf.__version__, "input_type": input_type,
         "signatures": {SIGNATURE_KEY: input_type,
                        **({t: t for t in input_types} if extra_signatures else {})},
-        "psroi_impl": psroi_impl, "class_names": class_names,
+        "psroi_impl": psroi_impl, "nms_version": nms_version, "class_names": class_names,
         "preprocessing": preprocessor.as_dict(),
         "max_detections": config.model.detection.max_detections,
         "model": configs.to_dict(config.model),
@@ -176,7 +198,9 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
         logging.warning("export: replacing the existing %s", path)
         shutil.rmtree(path)
     previous_impl = detector.head.psroi_impl
+    previous_nms = detector.detection_generator.get_config()["nms_version"]
     detector.set_psroi_impl(psroi_impl)
+    detector.set_nms_version(nms_version)
     try:
         with tempfile.TemporaryDirectory() as asset_dir:
             module = DetectionModule(detector, config.eval_data, input_types,
@@ -187,6 +211,7 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
             tf.saved_model.save(module, path, signatures=signatures)
     finally:
         detector.set_psroi_impl(previous_impl)
+        detector.set_nms_version(previous_nms)
     found = graph_ops.custom_ops(graph_ops.saved_model_op_types(path))
     if psroi_impl == "portable" and found:
         raise ExportError(f"the portable export {path} contains the custom ops {sorted(found)}")
@@ -196,7 +221,8 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
 def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, export_dir: str,
                        version: Optional[int] = None, *, input_type: Optional[str] = None,
                        psroi_impl: Optional[str] = None,
-                       class_names: Optional[Sequence[str]] = None) -> str:
+                       class_names: Optional[Sequence[str]] = None,
+                       nms_version: Optional[str] = None) -> str:
     """Restores a training checkpoint into a detector and exports it (export_detector);
     version defaults to the checkpoint's step (the number in "ckpt-<step>"), else 1."""
     from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
@@ -210,7 +236,8 @@ def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, e
         suffix = checkpoint_path.rsplit("-", 1)[-1]
         version = int(suffix) if suffix.isdigit() and int(suffix) > 0 else 1
     return export_detector(detector, config, export_dir, version, input_type=input_type,
-                           psroi_impl=psroi_impl, class_names=class_names)
+                           psroi_impl=psroi_impl, class_names=class_names,
+                           nms_version=nms_version)
 
 
 def read_metadata(saved_model_dir: str) -> dict:

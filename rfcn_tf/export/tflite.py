@@ -7,8 +7,9 @@ serving_default signature. Preprocessing is inside, as in the SavedModel. Only T
 builtin ops are allowed (no Flex / SELECT_TF_OPS: Python interpreters such as
 ai_edge_litert cannot run them). The portable PSRoI pooling (cumsum / gather), the
 RPN's and the detection generator's NMS (official.vision's padded NMS, a WHILE loop of
-builtin ops, with nms_version "v2"), top-k and the bilinear resize all convert. The custom-op flavour and
-model.detection.nms_version=batched (CombinedNonMaxSuppression) are refused up front.
+builtin ops: nms_version "v2", which portable exports get by default), top-k and the
+bilinear resize all convert. The custom-op flavour and exports with nms_version
+"batched" (CombinedNonMaxSuppression) are refused up front.
 
 Variants:
   float32       plain conversion.
@@ -40,8 +41,9 @@ INPUT_NAME = "input_tensor"
 IMAGE_SIGNATURES = ("image_tensor", "serving_default")
 # Ops that exist in a SavedModel but have no TFLite builtin, with what to do instead.
 _UNSUPPORTED = {
-    "CombinedNonMaxSuppression": "re-export with --params_override=model.detection."
-                                 "nms_version=v2 (official.vision's padded NMS, which converts)",
+    "CombinedNonMaxSuppression": "re-export with --nms_version=v2 (official.vision's "
+                                 "padded NMS, which converts; the default for the portable "
+                                 "flavour)",
 }
 
 

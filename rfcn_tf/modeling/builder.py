@@ -7,6 +7,7 @@ from typing import Optional
 from rfcn_tf import configs
 from rfcn_tf import ops as rfcn_ops
 from rfcn_tf.modeling import backbone as backbone_lib
+from rfcn_tf.modeling import detection
 from rfcn_tf.modeling import rfcn_model
 
 
@@ -66,8 +67,8 @@ def validate_model_config(cfg: configs.ModelConfig) -> None:
     _check(d.max_detections >= 1, "detection.max_detections",
            f"must be >= 1, got {d.max_detections}")
     _check(d.pre_nms_top_k >= 1, "detection.pre_nms_top_k", f"must be >= 1, got {d.pre_nms_top_k}")
-    _check(d.nms_version in ("v2", "batched"), "detection.nms_version",
-           f"must be 'v2' or 'batched', got {d.nms_version!r}")
+    _check(d.nms_version in detection.NMS_VERSIONS, "detection.nms_version",
+           f"must be one of {list(detection.NMS_VERSIONS)}, got {d.nms_version!r}")
     for key in ("rpn_huber_delta", "rfcn_huber_delta"):
         value = getattr(cfg.loss, key)
         _check(value > 0, f"loss.{key}", f"must be > 0, got {value}")

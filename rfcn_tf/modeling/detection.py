@@ -2,8 +2,8 @@
 
 official.vision's `DetectionGenerator` decodes the RoI box deltas (weights
 1/stds), clips to the true resized-image size, applies softmax, drops
-background and runs per-class NMS ("v2", TFLite-builtin friendly, or
-"batched", tf.image.combined_non_max_suppression). This module adds what the
+background and runs per-class NMS ("batched", tf.image.combined_non_max_suppression,
+or "v2", official.vision's padded NMS, which TFLite builtins can run). This module adds what the
 TF Object Detection API output convention needs: boxes normalised to the
 original image and float32 classes / counts.
 """
@@ -18,6 +18,7 @@ import tf_keras
 from official.vision.modeling.layers import detection_generator
 from rfcn_tf.modeling import roi_targets
 
+NMS_VERSIONS = ("batched", "v2")
 # A background logit this much above the others makes an empty RoI slot score ~0.
 _EMPTY_SLOT_LOGIT = 1e4
 
@@ -56,11 +57,11 @@ class RfcnDetectionGenerator(tf_keras.layers.Layer):
 
     def __init__(self, num_classes: int, nms_iou: float = 0.3, score_threshold: float = 0.05,
                  max_detections: int = 100, pre_nms_top_k: int = 300,
-                 nms_version: str = "v2", box_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+                 nms_version: str = "batched", box_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
                  **kwargs):
         super().__init__(**kwargs)
-        if nms_version not in ("v2", "batched"):
-            raise ValueError(f"nms_version must be 'v2' or 'batched', got {nms_version!r}")
+        if nms_version not in NMS_VERSIONS:
+            raise ValueError(f"nms_version must be one of {NMS_VERSIONS}, got {nms_version!r}")
         self._config_dict = {
             "num_classes": num_classes, "nms_iou": nms_iou, "score_threshold": score_threshold,
             "max_detections": max_detections, "pre_nms_top_k": pre_nms_top_k,

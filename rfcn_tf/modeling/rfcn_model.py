@@ -252,6 +252,17 @@ class RfcnModel(tf_keras.Model):
         """
         self.head.psroi_impl = implementation
 
+    def set_nms_version(self, nms_version: str) -> None:
+        """Switches the detection NMS ("batched" or "v2"); the generator has no weights.
+
+        Affects graphs traced afterwards (e.g. a TFLite-convertible export with "v2").
+        Raises ValueError for another name.
+        """
+        config = self.detection_generator.get_config()
+        if config["nms_version"] != nms_version:
+            self.detection_generator = detection.RfcnDetectionGenerator.from_config(
+                {**config, "nms_version": nms_version})
+
     def get_config(self):
         return {"model_config": configs.to_dict(self._model_config), "name": self.name}
 

@@ -78,12 +78,12 @@ def _build_dataset(data_config: configs.DataConfig, batch_size: int, input_conte
 
 
 def class_names_of(data_config: configs.DataConfig, num_classes: int, key: str) -> List[str]:
-    """Names of classes 1..C of a split's label map (see rfcn_tf.data.sources).
+    """Names of classes 1..C of a split's label map (sources.label_map_of: no image is read).
 
     Raises ConfigError when the label map does not have model.num_classes classes.
     """
     from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
-    label_map = sources.open_source(data_config).label_map
+    label_map = sources.label_map_of(data_config)
     names = label_map.names
     if len(names) != num_classes:
         raise configs.ConfigError(
