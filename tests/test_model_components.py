@@ -11,9 +11,11 @@ import pytest
 
 import model_test_utils as mtu
 import tensorflow as tf
+import tf_keras
 
 from official.vision.ops import anchor as official_anchor
-from rfcn_tf.modeling import anchors, detection, rfcn_head, roi_targets, rpn, rpn_targets, sampling
+from rfcn_tf.modeling import anchors, detection, matmul_conv, rfcn_head, roi_targets, rpn
+from rfcn_tf.modeling import rpn_targets, sampling
 from rfcn_tf.modeling import backbone as backbone_lib
 
 
@@ -298,6 +300,57 @@ def test_detection_generator_rejects_unknown_nms():
         detection.RfcnDetectionGenerator(num_classes=2, nms_version="v9")
 
 
+# -------------------------------------------------------------- MatmulConv2D --
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_matmul_conv_matches_conv2d(kernel_size):
+    # Shifted matmuls (inference on CPU) against Conv2D itself, same weights: odd map sizes,
+    # batch 2, maps smaller than the kernel too.
+    reference = tf_keras.layers.Conv2D(6, kernel_size, padding="same", activation="relu")
+    layer = matmul_conv.MatmulConv2D(6, kernel_size, activation="relu")
+    for shape in ([2, 7, 5, 4], [2, 2, 1, 4]):
+        inputs = tf.random.stateless_normal(shape, seed=[kernel_size, 1])
+        reference.build(shape)
+        layer.build(shape)
+        layer.set_weights([w + 0.1 for w in reference.get_weights()])
+        reference.set_weights(layer.get_weights())
+        expected = reference(inputs).numpy()
+        assert (expected > 0).any()
+        np.testing.assert_allclose(layer(inputs, training=False).numpy(), expected,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(layer(inputs, training=True).numpy(), expected)
+
+
+def test_matmul_conv_inference_graph_has_no_conv_and_training_keeps_it():
+    layer = matmul_conv.MatmulConv2D(4, 3)
+    layer.build([1, 5, 5, 3])
+    spec = tf.TensorSpec([1, None, None, 3])
+    for training, conv_expected in ((False, False), (True, True)):
+        graph = tf.function(lambda x, t=training: layer(x, training=t)).get_concrete_function(
+            spec).graph
+        has_conv = any(op.type == "Conv2D" for op in graph.get_operations())
+        assert has_conv == conv_expected, training
+
+
+def test_matmul_conv_rejects_what_it_cannot_compute():
+    for kwargs, message in (({"kernel_size": 2}, "odd and square"),
+                            ({"kernel_size": (3, 1)}, "odd and square"),
+                            ({"strides": 2}, "strides"), ({"padding": "valid"}, "padding"),
+                            ({"dilation_rate": 2}, "dilation_rate")):
+        with pytest.raises(ValueError, match=message):
+            matmul_conv.MatmulConv2D(4, **kwargs)
+
+
+def test_rpn_conv_checkpoint_is_a_plain_conv2d():
+    # Same variables as the Conv2D it replaced, so older checkpoints still restore.
+    head = rpn.RpnHead(num_anchors=3, conv_channels=8)
+    head(tf.zeros([1, 4, 4, 5]))
+    conv = head._conv  # pylint: disable=protected-access
+    assert isinstance(conv, tf_keras.layers.Conv2D)
+    assert [v.name.split("/")[-1] for v in conv.weights] == ["kernel:0", "bias:0"]
+    assert conv.kernel.shape == (3, 3, 5, 8) and conv.name == "rpn_conv"
+
+
 # --------------------------------------------------------------- get_config --
 
 @pytest.mark.parametrize("layer", [
@@ -305,6 +358,7 @@ def test_detection_generator_rejects_unknown_nms():
     rpn.ProposalGenerator(pre_nms_top_k_train=100, num_proposals_test=7, min_box_size=2.0),
     rfcn_head.PositionSensitiveHead(num_classes=4, group_size=3, class_agnostic_box=False),
     detection.RfcnDetectionGenerator(num_classes=4, nms_iou=0.4, nms_version="batched"),
+    matmul_conv.MatmulConv2D(filters=8, kernel_size=3, activation="relu"),
     backbone_lib.DilatedResidualBlock(filters=8, strides=1, dilation_rate=2),
 ], ids=lambda layer: type(layer).__name__)
 def test_layer_config_round_trip(layer):

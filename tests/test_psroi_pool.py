@@ -23,7 +23,7 @@ import tf_keras
 
 from psroi_reference import psroi_pool_backward, psroi_pool_forward
 from rfcn_tf import ops
-from rfcn_tf.ops import op_library
+from rfcn_tf.ops import op_library, placement
 
 psroi_pool_module = importlib.import_module("rfcn_tf.ops.psroi_pool")
 portable_module = importlib.import_module("rfcn_tf.ops.psroi_pool_portable")
@@ -453,7 +453,7 @@ def test_summed_area_table_methods(method):
 
 def test_portable_gpu_formulation_on_cpu(monkeypatch):
     # On a GPU the portable twin uses tf.cumsum and no matmuls; check that variant here.
-    monkeypatch.setattr(portable_module, "_runs_on_gpu", lambda tensor: True)
+    monkeypatch.setattr(placement, "runs_on_gpu", lambda tensor: True)
     k, scale = 3, 1.0 / 8
     maps, rois = make_case(seed=12, k=k, scale=scale, offset=2.0)
     grad_out = np.random.default_rng(3).normal(size=(len(rois), k, k, 3)).astype(np.float32)

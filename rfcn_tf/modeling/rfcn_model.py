@@ -124,7 +124,7 @@ class RfcnModel(tf_keras.Model):
     def _rpn_forward(self, images, image_info, training):
         """Backbone + RPN + proposals; returns a dict of intermediate tensors."""
         features = self.backbone(images, training=training)
-        scores, deltas = self.rpn_head(features["conv4"])
+        scores, deltas = self.rpn_head(features["conv4"], training=training)
         feature_shape = tf.shape(features["conv4"])
         anchors = anchors_lib.grid_anchors(
             feature_shape[1], feature_shape[2], backbone_lib.FEATURE_STRIDE,

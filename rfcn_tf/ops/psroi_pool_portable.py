@@ -34,6 +34,8 @@ reference, largest for one-pixel bins.
 
 import tensorflow as tf
 
+from rfcn_tf.ops import placement
+
 
 def _round_half_away_from_zero(values):
     """Rounds like C's round(): 2.5 -> 3, -0.5 -> -1 (tf.round would give 2 and -0).
@@ -72,15 +74,6 @@ def _bin_edges(start, end, group_size, limit):
 def _strictly_lower_ones(rows, cols):
     """[rows, cols] float32: 1 where row index > column index, else 0."""
     return tf.cast(tf.range(rows)[:, tf.newaxis] > tf.range(cols)[tf.newaxis, :], tf.float32)
-
-
-def _runs_on_gpu(tensor):
-    """Best guess, at trace time, whether ops on `tensor` run on a GPU: its device (eager)
-    or the tf.device scope it was made in (graph) if set, else whether a GPU is visible."""
-    device = tensor.device
-    if device:
-        return "GPU" in device.upper()
-    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def _summed_area_table(maps, method):
@@ -175,7 +168,7 @@ def psroi_pool_portable(score_maps, rois, group_size, spatial_scale):
     centred = tf.reshape(grouped - offset[:, tf.newaxis, tf.newaxis],
                          [num_images, height, width, groups * depth])
     # On a GPU, float32 matmuls may run in TF32 (10-bit mantissa): no matmul on the maps.
-    table = _summed_area_table(centred, "cumsum" if _runs_on_gpu(centred) else "matmul")
+    table = _summed_area_table(centred, "cumsum" if placement.runs_on_gpu(centred) else "matmul")
     table = tf.reshape(table, [-1, depth])  # row ((n*(H+1) + row)*(W+1) + col)*k*k + g
 
     batch = tf.cast(rois[:, 0], tf.int32)
