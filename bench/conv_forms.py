@@ -1,9 +1,10 @@
-"""Conv2D against MatmulConv2D (shifted matmuls) at R-FCN's RPN conv shape (not a test).
+"""Conv2D against MatmulConv2D (shifted matmuls) at R-FCN's conv shapes (not a test).
 
   python bench/conv_forms.py [--height=38 --width=63 --channels=1024 --filters=512]
-      [--repeats=12] [--warmup=2]
+      [--kernel_size=3] [--repeats=12] [--warmup=2]
 
-Both layers share one set of weights (3x3, ReLU, bias). Times, alternating A B A B after
+Defaults: the RPN conv. The PS head's 1x1 reduce conv: --kernel_size=1 --channels=2048
+--filters=1024. Both layers share one set of weights (k x k, ReLU, bias). Times, alternating A B A B after
 warm-up: inference (training=False: MatmulConv2D's shifted matmuls) and one forward +
 backward (training=True: both run Conv2D, so this checks that nothing changes there),
 and the maximum output difference. Prints medians, GFLOP/s (a multiply-add = 2) and
@@ -31,6 +32,7 @@ flags.DEFINE_integer("height", 38, "Map height (conv4 of a 600x1000 image: 38)."
 flags.DEFINE_integer("width", 63, "Map width (conv4 of a 600x1000 image: 63).")
 flags.DEFINE_integer("channels", 1024, "Input channels (ResNet conv4: 1024).")
 flags.DEFINE_integer("filters", 512, "Output channels (R-FCN's RPN: 512).")
+flags.DEFINE_integer("kernel_size", 3, "Odd kernel side (RPN: 3; PS head convs: 1).")
 flags.DEFINE_integer("repeats", 12, "Timed rounds.")
 flags.DEFINE_integer("warmup", 2, "Untimed rounds first.")
 
@@ -39,9 +41,10 @@ def main(argv):
     del argv
     shape = [1, FLAGS.height, FLAGS.width, FLAGS.channels]
     inputs = tf.random.normal(shape, seed=1)
-    layers = {"Conv2D": tf_keras.layers.Conv2D(FLAGS.filters, 3, padding="same",
+    k = FLAGS.kernel_size
+    layers = {"Conv2D": tf_keras.layers.Conv2D(FLAGS.filters, k, padding="same",
                                                activation="relu"),
-              "MatmulConv2D": matmul_conv.MatmulConv2D(FLAGS.filters, 3, activation="relu")}
+              "MatmulConv2D": matmul_conv.MatmulConv2D(FLAGS.filters, k, activation="relu")}
     for layer in layers.values():
         layer.build(shape)
     layers["MatmulConv2D"].set_weights(layers["Conv2D"].get_weights())
@@ -60,9 +63,9 @@ def main(argv):
 
     difference = float(np.abs(inference(layers["Conv2D"])().numpy()
                               - inference(layers["MatmulConv2D"])().numpy()).max())
-    flops = 2 * FLAGS.height * FLAGS.width * 9 * FLAGS.channels * FLAGS.filters
+    flops = 2 * FLAGS.height * FLAGS.width * k * k * FLAGS.channels * FLAGS.filters
     print(f"{timing.machine_info()['cpu_model']}, load average {timing.load_average()}; "
-          f"input {shape}, 3x3 -> {FLAGS.filters}, {flops / 1e9:.1f} GFLOPs per forward; "
+          f"input {shape}, {k}x{k} -> {FLAGS.filters}, {flops / 1e9:.1f} GFLOPs per forward; "
           f"max |Conv2D - MatmulConv2D| = {difference:.2e}")
     for label, make in (("inference", inference), ("forward+backward", forward_backward)):
         calls = {name: (lambda f=make(layer): tf.nest.map_structure(np.asarray, f()))
