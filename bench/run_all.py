@@ -226,6 +226,13 @@ def main(argv):
     del argv
     if FLAGS.accuracy_steps > 0 and FLAGS.accuracy_results:
         raise app.UsageError("give --accuracy_steps or --accuracy_results, not both")
+    accuracy = None
+    if FLAGS.accuracy_results:  # read first: a bad file fails now, not after the timings
+        with open(FLAGS.accuracy_results, encoding="utf-8") as f:
+            accuracy = {**json.load(f), "source": FLAGS.accuracy_results}
+        if not {"steps", "models"} <= set(accuracy):
+            raise app.UsageError(f"{FLAGS.accuracy_results} is not a bench/equal_budget.py "
+                                 "--output JSON (no 'steps' / 'models')")
     started = time.time()
     sizes = detectors.parse_sizes(FLAGS.sizes)
     train_sizes = detectors.parse_sizes(FLAGS.train_sizes)
@@ -254,9 +261,8 @@ def main(argv):
     for size in train_sizes:
         results["training"][detectors.size_name(size)] = measure_training(
             size, rfcn, faster, experiment)
-    if FLAGS.accuracy_results:
-        with open(FLAGS.accuracy_results, encoding="utf-8") as f:
-            results["accuracy"] = {**json.load(f), "source": FLAGS.accuracy_results}
+    if accuracy:
+        results["accuracy"] = accuracy
     if FLAGS.accuracy_steps > 0:
         results["accuracy"] = equal_budget.run(FLAGS.accuracy_steps, work_dir)
     results["load_average_end"] = timing.load_average()

@@ -239,6 +239,35 @@ def test_portable_export_with_batched_nms(tmp_path, reference):
     assert_same_detections({k: v.numpy() for k, v in outputs.items()}, reference)
 
 
+def test_export_restores_the_detector_when_saving_fails(monkeypatch, tmp_path):
+    config, detector = ef.trained()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        saved_model.export_detector(detector, config, str(tmp_path), psroi_impl="portable",
+                                    nms_version="v2", class_names=ef.CLASS_NAMES)
+    assert detector.head.psroi_impl == "portable"
+    assert detector.detection_generator.get_config()["nms_version"] == "batched"
+    assert detector.matmul_convs_enabled()
+
+
+def test_exports_trace_plain_convolutions(export_path):
+    # The matmul form of MatmulConv2D is an in-process CPU choice; exports keep Conv2D.
+    from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(export_path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    rpn_ops = {node.op for meta_graph in proto.meta_graphs
+               for function in meta_graph.graph_def.library.function
+               for node in function.node_def if "rpn_conv/" in node.name}
+    assert "Conv2D" in rpn_ops and "MatMul" not in rpn_ops, rpn_ops
+    _, detector = ef.trained()
+    assert detector.matmul_convs_enabled()  # restored after the export
+
+
 def test_export_refuses_bad_options():
     config, detector = ef.trained()
     with pytest.raises(saved_model.ExportError, match="input_type must be one of"):

@@ -4,6 +4,7 @@ and get_config round trips."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -330,6 +331,18 @@ def test_matmul_conv_inference_graph_has_no_conv_and_training_keeps_it():
             spec).graph
         has_conv = any(op.type == "Conv2D" for op in graph.get_operations())
         assert has_conv == conv_expected, training
+
+
+def test_matmul_conv_config_survives_json_and_tensor_training():
+    layer = matmul_conv.MatmulConv2D(4, 3, activation="relu", matmul_inference=False)
+    config = json.loads(json.dumps(layer.get_config()))  # tuples become lists
+    clone = matmul_conv.MatmulConv2D.from_config(config)
+    assert clone.get_config() == layer.get_config() and not clone.matmul_inference
+    clone.build([1, 5, 5, 3])
+    graph = tf.function(lambda x, t: clone(x, training=t)).get_concrete_function(
+        tf.TensorSpec([1, 5, 5, 3]), tf.TensorSpec([], tf.bool)).graph
+    # A training flag only known at run time: Conv2D, not both forms behind a cond.
+    assert [op.type for op in graph.get_operations()].count("Conv2D") == 1
 
 
 def test_matmul_conv_rejects_what_it_cannot_compute():

@@ -94,9 +94,10 @@ def resolve_label_map(cfg: DataConfig, dataset_dir: Optional[str] = None) -> Opt
 
 
 def label_map_of(cfg: DataConfig) -> LabelMap:
-    """The label map that open_source(cfg) would use, without reading the images or the
-    per-image annotations: class_names, the label_map file or one beside the data, else
-    the COCO categories / the VOC class names found in the annotations."""
+    """The label map that open_source(cfg) would use, without reading or checking any
+    image: class_names, the label_map file or one beside the data, else the categories
+    of the COCO annotation file (loaded whole) or the class names in the VOC
+    Annotations/*.xml (all parsed)."""
     check_config(cfg)
     if cfg.format == "tfrecord":
         return open_source(cfg).label_map  # lists the files only

@@ -163,7 +163,7 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     input_type / psroi_impl / extra_signatures / nms_version default to config.export's;
     class_names to `class_names_for_export(config)`. An existing export_dir/<version> is
     replaced. The detector's PSRoI implementation and NMS are switched for the trace and
-    restored after. Raises ExportError for a bad input type, flavour, NMS or class list.
+    restored after; its convolutions are traced as Conv2D (no MatmulConv2D matmul form). Raises ExportError for a bad input type, flavour, NMS or class list.
     """
     input_type = input_type or config.export.input_type
     psroi_impl = psroi_impl or config.export.psroi_impl
@@ -199,9 +199,12 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
         shutil.rmtree(path)
     previous_impl = detector.head.psroi_impl
     previous_nms = detector.detection_generator.get_config()["nms_version"]
-    detector.set_psroi_impl(psroi_impl)
-    detector.set_nms_version(nms_version)
+    previous_matmul = detector.matmul_convs_enabled()
     try:
+        detector.set_psroi_impl(psroi_impl)
+        detector.set_nms_version(nms_version)
+        # Plain Conv2D in the graph: an export may be served on a GPU or go to TFLite.
+        detector.set_matmul_convs(False)
         with tempfile.TemporaryDirectory() as asset_dir:
             module = DetectionModule(detector, config.eval_data, input_types,
                                      _write_assets(asset_dir, class_names, metadata))
@@ -212,6 +215,7 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     finally:
         detector.set_psroi_impl(previous_impl)
         detector.set_nms_version(previous_nms)
+        detector.set_matmul_convs(previous_matmul)
     found = graph_ops.custom_ops(graph_ops.saved_model_op_types(path))
     if psroi_impl == "portable" and found:
         raise ExportError(f"the portable export {path} contains the custom ops {sorted(found)}")

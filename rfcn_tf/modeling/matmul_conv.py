@@ -7,7 +7,12 @@ as R-FCN's RPN conv (3x3, 1024 -> 512 channels on a 38x63 conv4 map at 600x1000)
 calls; `python bench/conv_forms.py`). The 1x1 convs of the position-sensitive head gain
 less (one matmul each: 1.11x for the 2048 -> 1024 reduce conv, 1.34x for the 1024 -> 1029
 class maps). The backward pass of the matmul form is not faster, so training keeps
-Conv2D, and so does a GPU (cuDNN).
+Conv2D, and so does a graph traced where a GPU is visible (cuDNN).
+
+The form is chosen when a graph is traced, so it stays in what is saved from that
+graph: SavedModel exports therefore switch it off (`matmul_inference=False`, see
+rfcn_tf.export.saved_model), since an export may be served on a GPU or converted to
+TFLite, where one convolution op is the better graph.
 """
 
 from __future__ import annotations
@@ -29,14 +34,21 @@ class MatmulConv2D(tf_keras.layers.Conv2D):
     (the sum runs in another order):
         out[b, h, w, f] = sum_{i, j < k, c} pad(x)[b, h + i, w + j, c] * kernel[i, j, c, f]
     with pad(x) zero-padded by (k - 1) / 2 on every side, then + bias and activation.
-    call(inputs, training): training=True, or a GPU, runs Conv2D itself.
+    call(inputs, training) runs Conv2D itself unless training is statically False or None,
+    matmul_inference is true and no GPU is visible at trace time.
     """
 
-    def __init__(self, filters: int, kernel_size: int = 3, **kwargs):
-        for fixed, allowed in (("padding", ("same",)), ("strides", (1, (1, 1))),
-                               ("dilation_rate", (1, (1, 1))), ("groups", (1,)),
+    def __init__(self, filters: int, kernel_size: int = 3, matmul_inference: bool = True,
+                 **kwargs):
+        for fixed, allowed in (("padding", ("same",)), ("strides", (1,)),
+                               ("dilation_rate", (1,)), ("groups", (1,)),
                                ("data_format", (None, "channels_last"))):
-            if fixed in kwargs and kwargs[fixed] not in allowed:
+            value = kwargs.get(fixed, allowed[0])
+            if isinstance(value, (list, tuple)) and len(set(value)) == 1:
+                value = value[0]  # (1, 1) and, after a JSON round trip, [1, 1]
+            if isinstance(value, str):
+                value = value.lower()
+            if value not in allowed:
                 raise ValueError(f"MatmulConv2D: {fixed} must be {allowed[0]!r}, got "
                                  f"{kwargs[fixed]!r}")
         kwargs.update(padding="same", strides=1, dilation_rate=1)
@@ -44,9 +56,14 @@ class MatmulConv2D(tf_keras.layers.Conv2D):
         if self.kernel_size[0] != self.kernel_size[1] or self.kernel_size[0] % 2 == 0:
             raise ValueError(f"MatmulConv2D: kernel_size must be odd and square, got "
                              f"{self.kernel_size}")
+        self.matmul_inference = matmul_inference
+
+    def get_config(self):
+        return {**super().get_config(), "matmul_inference": self.matmul_inference}
 
     def call(self, inputs, training=None):
-        if training or placement.runs_on_gpu(inputs):
+        inference = tf.get_static_value(training) in (None, False)
+        if not (inference and self.matmul_inference) or placement.runs_on_gpu(inputs):
             return super().call(inputs)
         k = self.kernel_size[0]
         margin = k // 2

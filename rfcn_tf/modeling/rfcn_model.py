@@ -46,6 +46,7 @@ from rfcn_tf.modeling import anchors as anchors_lib
 from rfcn_tf.modeling import backbone as backbone_lib
 from rfcn_tf.modeling import detection
 from rfcn_tf.modeling import losses as losses_lib
+from rfcn_tf.modeling import matmul_conv
 from rfcn_tf.modeling import ohem
 from rfcn_tf.modeling import rfcn_head
 from rfcn_tf.modeling import roi_targets
@@ -251,6 +252,20 @@ class RfcnModel(tf_keras.Model):
         Affects graphs traced afterwards (e.g. an export with "portable").
         """
         self.head.psroi_impl = implementation
+
+    def set_matmul_convs(self, enabled: bool) -> None:
+        """Switches the CPU-inference matmul form of the RPN and head convolutions
+        (matmul_conv.MatmulConv2D) on or off; no variable changes. Affects graphs traced
+        afterwards (exports trace with it off)."""
+        for layer in self._matmul_convs():
+            layer.matmul_inference = enabled
+
+    def matmul_convs_enabled(self) -> bool:
+        """Whether every MatmulConv2D of the model uses its CPU-inference matmul form."""
+        return all(layer.matmul_inference for layer in self._matmul_convs())
+
+    def _matmul_convs(self) -> List[matmul_conv.MatmulConv2D]:
+        return [m for m in self.submodules if isinstance(m, matmul_conv.MatmulConv2D)]
 
     def set_nms_version(self, nms_version: str) -> None:
         """Switches the detection NMS ("batched" or "v2"); the generator has no weights.
