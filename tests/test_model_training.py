@@ -41,7 +41,10 @@ def _detections_of(out, b, height, width):
 
 @pytest.mark.slow
 def test_overfits_two_synthetic_images():
-    tf.random.set_seed(0)
+    # Seeds Keras' initializers too (tf.random.set_seed alone leaves their generator to
+    # whatever earlier tests drew, so the init depended on the test order). Seeds 0-5
+    # all pass.
+    tf_keras.utils.set_random_seed(0)
     model = build_model(_overfit_config())
     batch = mtu.scene_batch(96, 128)
     schedule = tf_keras.optimizers.schedules.PiecewiseConstantDecay([35], [1e-2, 1e-3])
