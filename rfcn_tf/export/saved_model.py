@@ -163,7 +163,8 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     input_type / psroi_impl / extra_signatures / nms_version default to config.export's;
     class_names to `class_names_for_export(config)`. An existing export_dir/<version> is
     replaced. The detector's PSRoI implementation and NMS are switched for the trace and
-    restored after; its convolutions are traced as Conv2D (no MatmulConv2D matmul form). Raises ExportError for a bad input type, flavour, NMS or class list.
+    restored after; its convolutions are traced as Conv2D (no MatmulConv2D matmul form).
+    Raises ExportError for a bad input type, flavour, NMS or class list.
     """
     input_type = input_type or config.export.input_type
     psroi_impl = psroi_impl or config.export.psroi_impl

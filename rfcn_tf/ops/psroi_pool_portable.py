@@ -24,8 +24,9 @@ so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size.
 
 Precision: float32 throughout (float16 input is cast up, the result cast back). The
 table is built from the maps minus their per-channel spatial mean, added back per bin,
-so corner sums grow with the maps' variation rather than their offset. Any offset gives the same result in exact arithmetic and the same gradient, so
-it is held constant (tf.stop_gradient) and costs nothing in the backward pass. The
+so corner sums grow with the maps' variation rather than their offset. Any offset gives
+the same result in exact arithmetic and the same gradient, so it is held constant
+(tf.stop_gradient) and costs nothing in the backward pass. The
 rounding error of a bin mean still grows with the map size rather than the bin size: on
 38x63 maps of unit variance (any offset) it stays below 1e-5 against a float64
 reference, largest for one-pixel bins.
