@@ -5,10 +5,10 @@
 
 Defaults: the RPN conv. The PS head's 1x1 reduce conv: --kernel_size=1 --channels=2048
 --filters=1024. Both layers share one set of weights (k x k, ReLU, bias). Times,
-alternating A B A B after warm-up: inference (training=False: MatmulConv2D's shifted matmuls) and one forward +
-backward (training=True: both run Conv2D, so this checks that nothing changes there),
-and the maximum output difference. Prints medians, GFLOP/s (a multiply-add = 2) and
-the ratio.
+alternating A B A B after warm-up: inference (training=False: MatmulConv2D's shifted
+matmuls) and one forward + backward (training=True: both run Conv2D, so this checks
+that nothing changes there), and the maximum output difference. Prints medians,
+GFLOP/s (a multiply-add = 2) and the ratio.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ Precision: float32 throughout (float16 input is cast up, the result cast back). 
 table is built from the maps minus their per-channel spatial mean, added back per bin,
 so corner sums grow with the maps' variation rather than their offset. Any offset gives
 the same result in exact arithmetic and the same gradient, so it is held constant
-(tf.stop_gradient) and costs nothing in the backward pass. The
-rounding error of a bin mean still grows with the map size rather than the bin size: on
-38x63 maps of unit variance (any offset) it stays below 1e-5 against a float64
-reference, largest for one-pixel bins.
+(tf.stop_gradient) and costs nothing in the backward pass. The rounding error of a bin
+mean still grows with the map size rather than the bin size: on 38x63 maps of unit
+variance (any offset) it stays below 1e-5 against a float64 reference, largest for
+one-pixel bins.
 """
 
 import tensorflow as tf
