@@ -211,16 +211,18 @@ DETECTION_KEYS = export_inputs.OUTPUT_KEYS
 def rfcn_detect_function(model: rfcn_model.RfcnModel, implementation: str,
                          inputs: Dict[str, tf.Tensor]):
     """The concrete inference function of `model` with PSRoI pooling `implementation`,
-    traced for the static shapes of `inputs` (returns the TF OD API outputs)."""
-    model.set_psroi_impl(implementation)
+    traced for the static shapes of `inputs` (returns the TF OD API outputs); the model's
+    own PSRoI implementation is restored after the trace."""
 
     @tf.function
     def detect(images, image_info):
         outputs = model({"images": images, "image_info": image_info}, training=False)
         return {k: outputs[k] for k in DETECTION_KEYS}
 
-    return detect.get_concrete_function(tf.TensorSpec(inputs["images"].shape, tf.float32),
-                                        tf.TensorSpec(inputs["image_info"].shape, tf.float32))
+    with model.traced_with(psroi_impl=implementation):
+        return detect.get_concrete_function(
+            tf.TensorSpec(inputs["images"].shape, tf.float32),
+            tf.TensorSpec(inputs["image_info"].shape, tf.float32))
 
 
 def faster_detect_function(model: tf_keras.Model, inputs: Dict[str, tf.Tensor]):

@@ -198,14 +198,10 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     if os.path.exists(path):
         logging.warning("export: replacing the existing %s", path)
         shutil.rmtree(path)
-    previous_impl = detector.head.psroi_impl
-    previous_nms = detector.detection_generator.get_config()["nms_version"]
-    previous_matmul = detector.matmul_convs_enabled()
-    try:
-        detector.set_psroi_impl(psroi_impl)
-        detector.set_nms_version(nms_version)
-        # Plain Conv2D in the graph: an export may be served on a GPU or go to TFLite.
-        detector.set_matmul_convs(False)
+    # Plain Conv2D in the graph (matmul_convs=False): an export may be served on a GPU or
+    # go to TFLite.
+    with detector.traced_with(psroi_impl=psroi_impl, nms_version=nms_version,
+                              matmul_convs=False):
         with tempfile.TemporaryDirectory() as asset_dir:
             module = DetectionModule(detector, config.eval_data, input_types,
                                      _write_assets(asset_dir, class_names, metadata))
@@ -213,10 +209,6 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
             if extra_signatures:
                 signatures.update(module.functions)
             tf.saved_model.save(module, path, signatures=signatures)
-    finally:
-        detector.set_psroi_impl(previous_impl)
-        detector.set_nms_version(previous_nms)
-        detector.set_matmul_convs(previous_matmul)
     found = graph_ops.custom_ops(graph_ops.saved_model_op_types(path))
     if psroi_impl == "portable" and found:
         raise ExportError(f"the portable export {path} contains the custom ops {sorted(found)}")

@@ -36,7 +36,8 @@ to every trace.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Union
+import contextlib
+from typing import Dict, List, Mapping, Optional, Union
 
 import tensorflow as tf
 import tf_keras
@@ -277,6 +278,28 @@ class RfcnModel(tf_keras.Model):
         if config["nms_version"] != nms_version:
             self.detection_generator = detection.RfcnDetectionGenerator.from_config(
                 {**config, "nms_version": nms_version})
+
+    @contextlib.contextmanager
+    def traced_with(self, *, psroi_impl: Optional[str] = None,
+                    nms_version: Optional[str] = None, matmul_convs: Optional[bool] = None):
+        """Within the block the model traces with these settings (None: unchanged); the
+        previous PSRoI implementation, NMS and matmul-conv form come back after it, also
+        when it raises. E.g. an export: `with model.traced_with(psroi_impl="portable",
+        nms_version="v2", matmul_convs=False): tf.saved_model.save(...)`."""
+        previous = (self.head.psroi_impl, self.detection_generator.get_config()["nms_version"],
+                    self.matmul_convs_enabled())
+        try:
+            if psroi_impl is not None:
+                self.set_psroi_impl(psroi_impl)
+            if nms_version is not None:
+                self.set_nms_version(nms_version)
+            if matmul_convs is not None:
+                self.set_matmul_convs(matmul_convs)
+            yield self
+        finally:
+            self.set_psroi_impl(previous[0])
+            self.set_nms_version(previous[1])
+            self.set_matmul_convs(previous[2])
 
     def get_config(self):
         return {"model_config": configs.to_dict(self._model_config), "name": self.name}
