@@ -6,10 +6,9 @@ input image, detection_scores, detection_classes, num_detections) from its
 serving_default signature. Preprocessing is inside, as in the SavedModel. Only TFLite
 builtin ops are allowed (no Flex / SELECT_TF_OPS: Python interpreters such as
 ai_edge_litert cannot run them). The portable PSRoI pooling (prefix-sum matmuls and
-gathers), the
-RPN's and the detection generator's NMS (official.vision's padded NMS, a WHILE loop of
-builtin ops: nms_version "v2", which portable exports get by default), top-k and the
-bilinear resize all convert. The custom-op flavour and exports with nms_version
+gathers), the RPN's and the detection generator's NMS (official.vision's padded NMS, a
+WHILE loop of builtin ops: nms_version "v2", which portable exports get by default),
+top-k and the bilinear resize all convert. The custom-op flavour and exports with nms_version
 "batched" (CombinedNonMaxSuppression) are refused up front.
 
 Variants:
