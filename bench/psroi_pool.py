@@ -16,7 +16,16 @@ Forward and forward+backward (gradient wrt the score maps) are timed separately:
 a warm-up, the repeats alternate implementations so that drift hits all of them alike.
 Prints medians, ratios to custom and a Markdown table; --output writes JSON.
 
+Each timed call is one tf.function call. With --ops_per_graph=1 (the default) it runs the
+implementation once, so every figure includes one Python -> tf.function dispatch (about
+0.3-0.5 ms on a 2-vCPU machine, the same for every implementation). With
+--ops_per_graph=N the function runs it on N independent inputs (distinct score maps, RoIs
+and upstream gradients, so that no work can be shared between them) and the figures are
+per op, time / N: the dispatch is amortised as it is in a model, where pooling is one op
+of a large graph.
+
   python bench/psroi_pool.py --output=/tmp/psroi_bench.json
+  python bench/psroi_pool.py --ops_per_graph=10
 """
 
 import contextlib
@@ -42,6 +51,8 @@ flags.DEFINE_integer("samples_per_bin", 2,
                      "crop_and_resize baseline: samples per bin side (s x s per bin).")
 flags.DEFINE_string("device", None, "Device to run on, e.g. /CPU:0 or /GPU:0 "
                     "(default: TensorFlow's placement).")
+flags.DEFINE_integer("ops_per_graph", 1, "Independent pooling ops per timed tf.function "
+                     "call; figures are per op (call time / ops_per_graph).", lower_bound=1)
 
 GROUP_SIZE = 7
 SPATIAL_SCALE = 1.0 / 16
@@ -118,18 +129,25 @@ def make_pool_fn(name):
 
 
 def make_steps(pool):
-    """Returns tf.functions (forward, forward_backward)."""
+    """Returns tf.functions (forward, forward_backward) over lists of inputs.
+
+    Each pools every (maps[t], rois[t]) pair independently; forward_backward also returns
+    the gradient of each output wrt its maps, for upstream gradient upstream[t].
+    """
 
     @tf.function
     def forward(maps, rois):
-        return pool(maps, rois)
+        return [pool(m, r) for m, r in zip(maps, rois)]
 
     @tf.function
     def forward_backward(maps, rois, upstream):
-        with tf.GradientTape() as tape:
-            tape.watch(maps)
-            out = pool(maps, rois)
-        return out, tape.gradient(out, maps, output_gradients=upstream)
+        results = []
+        for m, r, u in zip(maps, rois, upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(m)
+                out = pool(m, r)
+            results.append((out, tape.gradient(out, m, output_gradients=u)))
+        return results
 
     return forward, forward_backward
 
@@ -139,10 +157,10 @@ def sync():
         tf.test.experimental.sync_devices()
 
 
-def time_calls(calls, repeats, warmup):
-    """calls: {name: zero-argument callable}.
+def time_calls(calls, repeats, warmup, ops_per_call):
+    """calls: {name: zero-argument callable}, each running `ops_per_call` ops.
 
-    Returns ({name: [wall seconds per call]}, {name: [process CPU seconds per call]}).
+    Returns ({name: [wall seconds per op]}, {name: [process CPU seconds per op]}).
     CPU time (all threads of this process) is less disturbed by other processes on a
     shared machine than wall time.
     """
@@ -157,8 +175,8 @@ def time_calls(calls, repeats, warmup):
             start, start_cpu = time.perf_counter(), time.process_time()
             call()
             sync()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append((time.perf_counter() - start) / ops_per_call)
+            cpu[name].append((time.process_time() - start_cpu) / ops_per_call)
     return wall, cpu
 
 
@@ -174,20 +192,22 @@ def cpu_model():
 
 
 def run_branch(depth, names, rng):
-    maps = tf.constant(rng.normal(size=(1, 38, 63, GROUP_SIZE * GROUP_SIZE * depth)),
-                       tf.float32)
-    rois = tf.constant(make_rois(rng, FLAGS.num_rois))
-    upstream = tf.constant(rng.normal(size=(FLAGS.num_rois, GROUP_SIZE, GROUP_SIZE, depth)),
-                           tf.float32)
+    count = FLAGS.ops_per_graph
+    maps = [tf.constant(rng.normal(size=(1, 38, 63, GROUP_SIZE * GROUP_SIZE * depth)),
+                        tf.float32) for _ in range(count)]
+    rois = [tf.constant(make_rois(rng, FLAGS.num_rois)) for _ in range(count)]
+    upstream = [tf.constant(rng.normal(size=(FLAGS.num_rois, GROUP_SIZE, GROUP_SIZE, depth)),
+                            tf.float32) for _ in range(count)]
     steps = {name: make_steps(make_pool_fn(name)) for name in names}
     fwd = {n: (lambda f=f: f[0](maps, rois)) for n, f in steps.items()}
     fwd_bwd = {n: (lambda f=f: f[1](maps, rois, upstream)) for n, f in steps.items()}
     results = {}
     for label, calls in (("forward", fwd), ("forward_backward", fwd_bwd)):
-        wall, cpu = time_calls(calls, FLAGS.repeats, FLAGS.warmup)
+        wall, cpu = time_calls(calls, FLAGS.repeats, FLAGS.warmup, count)
         results[label] = {n: 1e3 * statistics.median(t) for n, t in wall.items()}
         results[label + "_cpu"] = {n: 1e3 * statistics.median(t) for n, t in cpu.items()}
-    outputs = {n: steps[n][1](maps, rois, upstream) for n in names}
+    # Agreement on the first input.
+    outputs = {n: steps[n][1](maps[:1], rois[:1], upstream[:1])[0] for n in names}
     for n in names:
         if n != names[0]:
             results[f"max_abs_diff_{n}_vs_{names[0]}"] = {
@@ -237,6 +257,7 @@ def main(argv):
         "num_rois": FLAGS.num_rois,
         "group_size": GROUP_SIZE,
         "repeats": FLAGS.repeats,
+        "ops_per_graph": FLAGS.ops_per_graph,
         "samples_per_bin": FLAGS.samples_per_bin,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "branches": {},
@@ -255,7 +276,8 @@ def main(argv):
     results["markdown"] = table
     print(f"\nTensorFlow {tf.__version__}, {results['cpu']} ({results['cpu_count']} CPUs), "
           f"device {results['device']}, load average before the run "
-          f"{results['load_average']}, medians of {FLAGS.repeats} calls\n")
+          f"{results['load_average']}, medians of {FLAGS.repeats} calls of "
+          f"{FLAGS.ops_per_graph} op(s), per op\n")
     print(table)
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:

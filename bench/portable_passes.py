@@ -1,0 +1,105 @@
+"""Cost of the whole-map passes behind the portable PSRoI pooling (not a test).
+
+The portable twin (rfcn_tf/ops/psroi_pool_portable.py) pays for passes over the whole
+score map that do not depend on the number of RoIs. This times each such pass alone, as
+one stock TensorFlow op inside a tf.function, on R-FCN's class-branch shape
+[1, 38, 63, 7*7*21] (10 MB of float32), next to the same-size elementwise add and the
+alternative of gathering every bin pixel instead of using a summed-area table:
+
+  transpose        [D, k*k] -> [k*k, D] channel swap of every pixel
+  spatial_mean     per-channel mean as a [1, H*W] x [H*W, C] matmul
+  subtract_mean    maps minus that mean (broadcast)
+  prefix_h         H prefix sum: [H+1, H] triangular matmul over W*C columns
+  prefix_w         W prefix sum: batch of H [W+1, W] triangular matmuls over C columns
+  add_one          maps + 1 (the floor of any op that reads and writes the map)
+  gather_pixels    tf.gather of --bin_pixels D-vectors (every pixel of every bin of 300
+                   proposal-like RoIs is about 82k) from the group-major map
+  segment_sum      tf.math.unsorted_segment_sum of those rows into 300*49 bins
+
+Each timed tf.function call runs the pass on --ops_per_graph independent inputs (so the
+Python -> tf.function dispatch is amortised, as inside a model) and the time is divided
+by that count. Calls alternate between the passes after a warm-up; prints the median
+wall time per pass.
+
+  python bench/portable_passes.py
+"""
+
+import statistics
+import time
+
+import rfcn_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 40, "Timed calls per pass.")
+flags.DEFINE_integer("bin_pixels", 82000, "Rows gathered and segment-summed.")
+flags.DEFINE_integer("ops_per_graph", 10, "Independent inputs per timed call.", lower_bound=1)
+
+HEIGHT, WIDTH, GROUP_SIZE, DEPTH, NUM_ROIS = 38, 63, 7, 21, 300
+
+
+def strictly_lower_ones(rows, cols):
+    return tf.cast(tf.range(rows)[:, tf.newaxis] > tf.range(cols)[tf.newaxis, :], tf.float32)
+
+
+def make_pass(rng):
+    """Returns {name: function of one input set (a dict of tensors)} and a maker of inputs."""
+    groups = GROUP_SIZE * GROUP_SIZE
+    channels = groups * DEPTH
+    pixels = HEIGHT * WIDTH
+    lower_h = strictly_lower_ones(HEIGHT + 1, HEIGHT)
+    lower_w = strictly_lower_ones(WIDTH + 1, WIDTH)
+
+    def make_inputs():
+        maps = tf.constant(rng.normal(size=(1, HEIGHT, WIDTH, channels)), tf.float32)
+        return {
+            "maps": maps,
+            "grouped": tf.reshape(maps, [1, HEIGHT, WIDTH, groups, DEPTH]),
+            "rows": tf.constant(rng.integers(0, pixels * groups, FLAGS.bin_pixels), tf.int32),
+            "bins": tf.constant(np.sort(rng.integers(0, NUM_ROIS * groups, FLAGS.bin_pixels)),
+                                tf.int32),
+            "pixel_values": tf.constant(rng.normal(size=(FLAGS.bin_pixels, DEPTH)), tf.float32),
+        }
+
+    passes = {
+        "transpose": lambda x: tf.transpose(
+            tf.reshape(x["maps"], [1, HEIGHT, WIDTH, DEPTH, groups]), [0, 1, 2, 4, 3]),
+        "spatial_mean": lambda x: tf.matmul(tf.fill([1, pixels], 1.0 / pixels),
+                                            tf.reshape(x["maps"], [1, pixels, channels])),
+        "subtract_mean": lambda x: x["grouped"] - x["grouped"][:, :1, :1],
+        "prefix_h": lambda x: tf.matmul(lower_h,
+                                        tf.reshape(x["maps"], [1, HEIGHT, WIDTH * channels])),
+        "prefix_w": lambda x: tf.matmul(lower_w, tf.reshape(x["maps"], [HEIGHT, WIDTH, channels])),
+        "add_one": lambda x: x["maps"] + 1.0,
+        "gather_pixels": lambda x: tf.gather(tf.reshape(x["grouped"], [-1, DEPTH]), x["rows"]),
+        "segment_sum": lambda x: tf.math.unsorted_segment_sum(x["pixel_values"], x["bins"],
+                                                              NUM_ROIS * groups),
+    }
+    return passes, make_inputs
+
+
+def main(argv):
+    del argv
+    passes, make_inputs = make_pass(np.random.default_rng(0))
+    inputs = [make_inputs() for _ in range(FLAGS.ops_per_graph)]
+    calls = {name: tf.function(lambda xs, fn=fn: [fn(x) for x in xs])
+             for name, fn in passes.items()}
+    for call in calls.values():
+        for _ in range(3):
+            call(inputs)
+    times = {name: [] for name in calls}
+    for _ in range(FLAGS.repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(inputs)
+            times[name].append((time.perf_counter() - start) / FLAGS.ops_per_graph)
+    print(f"score map [1, {HEIGHT}, {WIDTH}, {GROUP_SIZE * GROUP_SIZE * DEPTH}], median of "
+          f"{FLAGS.repeats} calls of {FLAGS.ops_per_graph} independent ops, per op")
+    for name, samples in times.items():
+        print(f"{name:14s} {1e3 * statistics.median(samples):7.2f} ms")
+
+
+if __name__ == "__main__":
+    app.run(main)
