@@ -46,17 +46,6 @@ struct PoolingDims {
   int64_t ImageSize() const { return static_cast<int64_t>(height) * width * channels; }
 };
 
-// Reads group_size and spatial_scale in an OpKernel constructor.
-void ReadPoolingAttrs(OpKernelConstruction* ctx, int* group_size, float* spatial_scale) {
-  OP_REQUIRES_OK(ctx, ctx->GetAttr("group_size", group_size));
-  OP_REQUIRES_OK(ctx, ctx->GetAttr("spatial_scale", spatial_scale));
-  OP_REQUIRES(ctx, *group_size >= 1,
-              errors::InvalidArgument("PSRoIPool: group_size must be >= 1, got ", *group_size));
-  OP_REQUIRES(ctx, *spatial_scale > 0.0f && std::isfinite(*spatial_scale),
-              errors::InvalidArgument("PSRoIPool: spatial_scale must be finite and > 0, got ",
-                                      *spatial_scale));
-}
-
 absl::Status CheckRoisShape(const Tensor& rois) {
   if (rois.dims() != 2 || rois.dim_size(1) != rfcn_psroi::kRoiSize) {
     return errors::InvalidArgument(
@@ -143,6 +132,48 @@ absl::Status RoiError(int64_t index, RoiStatus status, const float* row, int64_t
       return absl::OkStatus();
   }
 }
+
+// Base of the four PSRoIPool kernels (forward and gradient, CPU and GPU):
+// reads and checks the attributes, checks the input shapes and allocates the
+// output.
+class PsRoiPoolKernelBase : public OpKernel {
+ public:
+  explicit PsRoiPoolKernelBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("group_size", &group_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("spatial_scale", &spatial_scale_));
+    OP_REQUIRES(ctx, group_size_ >= 1,
+                errors::InvalidArgument("PSRoIPool: group_size must be >= 1, got ", group_size_));
+    OP_REQUIRES(ctx, spatial_scale_ > 0.0f && std::isfinite(spatial_scale_),
+                errors::InvalidArgument("PSRoIPool: spatial_scale must be finite and > 0, got ",
+                                        spatial_scale_));
+  }
+
+ protected:
+  // Forward op (inputs score_maps, rois): fills `dims` and allocates the
+  // [R, k, k, D] output. The RoI values are not checked here.
+  absl::Status PrepareForward(OpKernelContext* ctx, PoolingDims* dims, Tensor** pooled) const {
+    TF_RETURN_IF_ERROR(MakePoolingDims(ctx->input(0).shape(), ctx->input(1), group_size_,
+                                       spatial_scale_, dims));
+    const int k = dims->group_size;
+    return ctx->allocate_output(0, TensorShape({dims->num_rois, k, k, dims->depth}), pooled);
+  }
+
+  // Gradient op (inputs grad_pooled, rois, score_maps_shape): fills `dims`,
+  // checks grad_pooled's shape and allocates the score-map-shaped output. The
+  // RoI values are not checked here.
+  absl::Status PrepareGradient(OpKernelContext* ctx, PoolingDims* dims, Tensor** grad_maps) const {
+    TensorShape map_shape;
+    TF_RETURN_IF_ERROR(ReadScoreMapsShape(ctx->input(2), &map_shape));
+    TF_RETURN_IF_ERROR(
+        MakePoolingDims(map_shape, ctx->input(1), group_size_, spatial_scale_, dims));
+    TF_RETURN_IF_ERROR(CheckGradPooledShape(ctx->input(0).shape(), *dims));
+    return ctx->allocate_output(0, map_shape, grad_maps);
+  }
+
+ private:
+  int group_size_ = 0;
+  float spatial_scale_ = 0.0f;
+};
 
 // ----------------------------------------------------------------------------
 // CPU
@@ -293,24 +324,17 @@ struct FloatLoader {
 // that fit in the cache and pools every bin's rows inside the band before
 // moving on; the gradient is built one image row at a time.
 template <typename T>
-class PsRoiPoolCpuOp : public OpKernel {
+class PsRoiPoolCpuOp : public PsRoiPoolKernelBase {
  public:
-  explicit PsRoiPoolCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadPoolingAttrs(ctx, &group_size_, &spatial_scale_);
-  }
+  using PsRoiPoolKernelBase::PsRoiPoolKernelBase;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& score_maps = ctx->input(0);
-    const Tensor& rois = ctx->input(1);
     PoolingDims dims;
-    OP_REQUIRES_OK(ctx,
-                   MakePoolingDims(score_maps.shape(), rois, group_size_, spatial_scale_, &dims));
-    RoiBinTable table;
-    OP_REQUIRES_OK(ctx, table.Build(rois.flat<float>().data(), dims));
-    const int k = dims.group_size;
     Tensor* pooled = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({dims.num_rois, k, k, dims.depth}), &pooled));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &dims, &pooled));
+    RoiBinTable table;
+    OP_REQUIRES_OK(ctx, table.Build(ctx->input(1).flat<float>().data(), dims));
+    const int k = dims.group_size;
     if (dims.num_rois == 0 || dims.depth == 0) return;
 
     // Float sums of the bins, [R, k, k, D]: the output itself for float.
@@ -322,7 +346,7 @@ class PsRoiPoolCpuOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, pooled->shape(), &sums_tensor));
       sums = sums_tensor.flat<float>().data();
     }
-    const T* maps = score_maps.flat<T>().data();
+    const T* maps = ctx->input(0).flat<T>().data();
     T* output = pooled->flat<T>().data();
     const int64_t bins = static_cast<int64_t>(k) * k;
     const int64_t row_bytes =
@@ -396,10 +420,6 @@ class PsRoiPoolCpuOp : public OpKernel {
             }
           });
   }
-
- private:
-  int group_size_ = 0;
-  float spatial_scale_ = 0.0f;
 };
 
 // Adds the share of gradient t (t < kCount) of a bin spanning rows x cols to
@@ -446,27 +466,19 @@ void AddBinShares(const T* grads, int64_t depth, const Interval& rows, const Int
 }
 
 template <typename T>
-class PsRoiPoolGradCpuOp : public OpKernel {
+class PsRoiPoolGradCpuOp : public PsRoiPoolKernelBase {
  public:
-  explicit PsRoiPoolGradCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadPoolingAttrs(ctx, &group_size_, &spatial_scale_);
-  }
+  using PsRoiPoolKernelBase::PsRoiPoolKernelBase;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad_pooled = ctx->input(0);
-    const Tensor& rois = ctx->input(1);
-    TensorShape map_shape;
-    OP_REQUIRES_OK(ctx, ReadScoreMapsShape(ctx->input(2), &map_shape));
     PoolingDims dims;
-    OP_REQUIRES_OK(ctx, MakePoolingDims(map_shape, rois, group_size_, spatial_scale_, &dims));
-    OP_REQUIRES_OK(ctx, CheckGradPooledShape(grad_pooled.shape(), dims));
-    RoiBinTable table;
-    OP_REQUIRES_OK(ctx, table.Build(rois.flat<float>().data(), dims));
     Tensor* grad_maps = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, map_shape, &grad_maps));
-    if (map_shape.num_elements() == 0) return;
+    OP_REQUIRES_OK(ctx, PrepareGradient(ctx, &dims, &grad_maps));
+    RoiBinTable table;
+    OP_REQUIRES_OK(ctx, table.Build(ctx->input(1).flat<float>().data(), dims));
+    if (grad_maps->NumElements() == 0) return;
 
-    const T* grad = grad_pooled.flat<T>().data();
+    const T* grad = ctx->input(0).flat<T>().data();
     T* output = grad_maps->flat<T>().data();
     BinRowsByImageRow by_row;
     by_row.Build(table, dims);
@@ -512,10 +524,6 @@ class PsRoiPoolGradCpuOp : public OpKernel {
     const auto& threads = *ctx->device()->tensorflow_cpu_worker_threads();
     Shard(threads.num_threads, threads.workers, rows_total, cost_per_row, scatter_rows);
   }
-
- private:
-  int group_size_ = 0;
-  float spatial_scale_ = 0.0f;
 };
 
 #define REGISTER_CPU(T)                                                                  \
@@ -604,69 +612,49 @@ absl::Status RunWithRoiValidation(OpKernelContext* ctx, const float* rois,
 }
 
 template <typename T>
-class PsRoiPoolGpuOp : public OpKernel {
+class PsRoiPoolGpuOp : public PsRoiPoolKernelBase {
  public:
-  explicit PsRoiPoolGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadPoolingAttrs(ctx, &group_size_, &spatial_scale_);
-  }
+  using PsRoiPoolKernelBase::PsRoiPoolKernelBase;
 
   void Compute(OpKernelContext* ctx) override {
     using CT = typename CudaType<T>::type;
-    const Tensor& score_maps = ctx->input(0);
-    const Tensor& rois = ctx->input(1);
     PoolingDims dims;
-    OP_REQUIRES_OK(ctx,
-                   MakePoolingDims(score_maps.shape(), rois, group_size_, spatial_scale_, &dims));
-    const int k = dims.group_size;
     Tensor* pooled = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({dims.num_rois, k, k, dims.depth}), &pooled));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &dims, &pooled));
     if (dims.num_rois == 0) return;
     const cudaStream_t stream = ctx->eigen_device<Eigen::GpuDevice>().stream();
     const rfcn_psroi::PsRoiPoolDims launch_dims = ToLaunchDims(dims);
-    const CT* input = reinterpret_cast<const CT*>(score_maps.flat<T>().data());
+    const CT* input = reinterpret_cast<const CT*>(ctx->input(0).flat<T>().data());
     CT* output = reinterpret_cast<CT*>(pooled->flat<T>().data());
-    const float* roi_data = rois.flat<float>().data();
+    const float* roi_data = ctx->input(1).flat<float>().data();
     OP_REQUIRES_OK(ctx, RunWithRoiValidation(ctx, roi_data, dims, stream, [&]() {
                      return rfcn_psroi::LaunchPsRoiPoolForward<CT>(input, roi_data, launch_dims,
                                                                     output, stream);
                    }));
   }
-
- private:
-  int group_size_ = 0;
-  float spatial_scale_ = 0.0f;
 };
 
 template <typename T>
-class PsRoiPoolGradGpuOp : public OpKernel {
+class PsRoiPoolGradGpuOp : public PsRoiPoolKernelBase {
  public:
-  explicit PsRoiPoolGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadPoolingAttrs(ctx, &group_size_, &spatial_scale_);
-  }
+  using PsRoiPoolKernelBase::PsRoiPoolKernelBase;
 
   void Compute(OpKernelContext* ctx) override {
     using CT = typename CudaType<T>::type;
-    const Tensor& grad_pooled = ctx->input(0);
-    const Tensor& rois = ctx->input(1);
-    TensorShape map_shape;
-    OP_REQUIRES_OK(ctx, ReadScoreMapsShape(ctx->input(2), &map_shape));
     PoolingDims dims;
-    OP_REQUIRES_OK(ctx, MakePoolingDims(map_shape, rois, group_size_, spatial_scale_, &dims));
-    OP_REQUIRES_OK(ctx, CheckGradPooledShape(grad_pooled.shape(), dims));
     Tensor* grad_maps = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, map_shape, &grad_maps));
+    OP_REQUIRES_OK(ctx, PrepareGradient(ctx, &dims, &grad_maps));
     Tensor workspace;
     float* workspace_data = nullptr;
-    if (!std::is_same<T, float>::value && map_shape.num_elements() > 0) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, map_shape, &workspace));
+    if (!std::is_same<T, float>::value && grad_maps->NumElements() > 0) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, grad_maps->shape(), &workspace));
       workspace_data = workspace.flat<float>().data();
     }
     const cudaStream_t stream = ctx->eigen_device<Eigen::GpuDevice>().stream();
     const rfcn_psroi::PsRoiPoolDims launch_dims = ToLaunchDims(dims);
-    const CT* grad = reinterpret_cast<const CT*>(grad_pooled.flat<T>().data());
+    const CT* grad = reinterpret_cast<const CT*>(ctx->input(0).flat<T>().data());
     CT* output = reinterpret_cast<CT*>(grad_maps->flat<T>().data());
-    const float* roi_data = rois.flat<float>().data();
+    const float* roi_data = ctx->input(1).flat<float>().data();
     auto launch = [&]() {
       return rfcn_psroi::LaunchPsRoiPoolBackward<CT>(grad, roi_data, launch_dims,
                                                       workspace_data, output, stream);
@@ -678,10 +666,6 @@ class PsRoiPoolGradGpuOp : public OpKernel {
     }
     OP_REQUIRES_OK(ctx, RunWithRoiValidation(ctx, roi_data, dims, stream, launch));
   }
-
- private:
-  int group_size_ = 0;
-  float spatial_scale_ = 0.0f;
 };
 
 #define REGISTER_GPU(T)                                                                  \

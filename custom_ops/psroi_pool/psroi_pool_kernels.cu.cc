@@ -53,29 +53,55 @@ __global__ void ValidateRoisKernel(const float* rois, int64_t num_rois, int64_t 
   }
 }
 
+// Number of elements of the pooled output, R * k * k * D.
+__host__ __device__ inline int64_t PooledSize(const PsRoiPoolDims& dims) {
+  return dims.num_rois * dims.group_size * dims.group_size * dims.depth;
+}
+
+// The bin that output element `index` of [R, k, k, D] (d fastest) pools.
+// `valid` is false when its RoI fails CheckRoi; the kernels skip such
+// elements and the op reports the RoI after the validation kernel.
+struct ElementBin {
+  bool valid;
+  Interval rows;
+  Interval cols;
+  int64_t image_offset;  // of the RoI's image in the NHWC score maps
+  int64_t channel;       // ScoreChannel(d, i, j, k)
+};
+
+__device__ inline ElementBin LocateElement(int64_t index, const float* rois,
+                                           const PsRoiPoolDims& dims) {
+  const int k = dims.group_size;
+  const int64_t d = index % dims.depth;
+  const int j = static_cast<int>((index / dims.depth) % k);
+  const int i = static_cast<int>((index / dims.depth / k) % k);
+  const int64_t r = index / dims.depth / k / k;
+  const float* roi = rois + r * kRoiSize;
+  ElementBin bin;
+  bin.valid = CheckRoi(roi, dims.num_images) == kRoiOk;
+  if (!bin.valid) return bin;
+  const AxisGeometry gx = ComputeAxisGeometry(roi[1], roi[3], dims.spatial_scale, k);
+  const AxisGeometry gy = ComputeAxisGeometry(roi[2], roi[4], dims.spatial_scale, k);
+  bin.rows = ComputeBinInterval(gy, i, dims.height);
+  bin.cols = ComputeBinInterval(gx, j, dims.width);
+  bin.image_offset =
+      RoiBatchIndex(roi) * static_cast<int64_t>(dims.height) * dims.width * dims.channels;
+  bin.channel = ScoreChannel(d, i, j, k);
+  return bin;
+}
+
 // One thread per output element (r, i, j, d), d fastest.
 template <typename T>
 __global__ void ForwardKernel(const T* score_maps, const float* rois, PsRoiPoolDims dims,
                               T* pooled) {
-  const int k = dims.group_size;
-  const int64_t total = dims.num_rois * k * k * dims.depth;
-  const int64_t image_size = static_cast<int64_t>(dims.height) * dims.width * dims.channels;
+  const int64_t total = PooledSize(dims);
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < total; index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t d = index % dims.depth;
-    const int j = static_cast<int>((index / dims.depth) % k);
-    const int i = static_cast<int>((index / dims.depth / k) % k);
-    const int64_t r = index / dims.depth / k / k;
-    const float* roi = rois + r * kRoiSize;
-    float value = 0.0f;
-    if (CheckRoi(roi, dims.num_images) == kRoiOk) {
-      const AxisGeometry gx = ComputeAxisGeometry(roi[1], roi[3], dims.spatial_scale, k);
-      const AxisGeometry gy = ComputeAxisGeometry(roi[2], roi[4], dims.spatial_scale, k);
-      const Interval rows = ComputeBinInterval(gy, i, dims.height);
-      const Interval cols = ComputeBinInterval(gx, j, dims.width);
-      value = BinAverage(score_maps + RoiBatchIndex(roi) * image_size, dims.width,
-                         dims.channels, ScoreChannel(d, i, j, k), rows, cols, FloatLoader());
-    }
+    const ElementBin bin = LocateElement(index, rois, dims);
+    const float value =
+        bin.valid ? BinAverage(score_maps + bin.image_offset, dims.width, dims.channels,
+                               bin.channel, bin.rows, bin.cols, FloatLoader())
+                  : 0.0f;
     pooled[index] = FromFloat<T>(value);
   }
 }
@@ -84,28 +110,18 @@ __global__ void ForwardKernel(const T* score_maps, const float* rois, PsRoiPoolD
 template <typename T>
 __global__ void BackwardKernel(const T* grad_pooled, const float* rois, PsRoiPoolDims dims,
                                float* grad_score_maps) {
-  const int k = dims.group_size;
-  const int64_t total = dims.num_rois * k * k * dims.depth;
-  const int64_t image_size = static_cast<int64_t>(dims.height) * dims.width * dims.channels;
+  const int64_t total = PooledSize(dims);
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < total; index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t d = index % dims.depth;
-    const int j = static_cast<int>((index / dims.depth) % k);
-    const int i = static_cast<int>((index / dims.depth / k) % k);
-    const int64_t r = index / dims.depth / k / k;
-    const float* roi = rois + r * kRoiSize;
-    if (CheckRoi(roi, dims.num_images) != kRoiOk) continue;
-    const AxisGeometry gx = ComputeAxisGeometry(roi[1], roi[3], dims.spatial_scale, k);
-    const AxisGeometry gy = ComputeAxisGeometry(roi[2], roi[4], dims.spatial_scale, k);
-    const Interval rows = ComputeBinInterval(gy, i, dims.height);
-    const Interval cols = ComputeBinInterval(gx, j, dims.width);
-    const float share = BinGradientShare(ToFloat(grad_pooled[index]), rows, cols);
+    const ElementBin bin = LocateElement(index, rois, dims);
+    if (!bin.valid) continue;
+    const float share = BinGradientShare(ToFloat(grad_pooled[index]), bin.rows, bin.cols);
     if (share == 0.0f) continue;
-    float* image = grad_score_maps + RoiBatchIndex(roi) * image_size;
-    const int64_t channel = ScoreChannel(d, i, j, k);
-    for (int h = rows.start; h < rows.end; ++h) {
-      for (int w = cols.start; w < cols.end; ++w) {
-        atomicAdd(image + (static_cast<int64_t>(h) * dims.width + w) * dims.channels + channel,
+    float* image = grad_score_maps + bin.image_offset;
+    for (int h = bin.rows.start; h < bin.rows.end; ++h) {
+      for (int w = bin.cols.start; w < bin.cols.end; ++w) {
+        atomicAdd(image + (static_cast<int64_t>(h) * dims.width + w) * dims.channels +
+                      bin.channel,
                   share);
       }
     }
@@ -119,9 +135,6 @@ __global__ void FloatToHalfKernel(const float* in, int64_t count, __half* out) {
   }
 }
 
-int64_t PooledSize(const PsRoiPoolDims& dims) {
-  return dims.num_rois * dims.group_size * dims.group_size * dims.depth;
-}
 
 int64_t ScoreMapSize(const PsRoiPoolDims& dims) {
   return dims.num_images * dims.height * dims.width * dims.channels;
