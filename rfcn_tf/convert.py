@@ -29,7 +29,7 @@ import sys
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 from absl import app, flags, logging
 
-from rfcn_tf.export import tflite
+from rfcn_tf.export import require_flags, tflite
 
 FORMATS = ("tflite", "onnx", "tftrt")
 
@@ -111,9 +111,7 @@ def run_tftrt() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("format", "saved_model", "output"):
-        if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required")
+    require_flags("format", "saved_model", "output")
     from rfcn_tf.export import tftrt  # pylint: disable=import-outside-toplevel
     try:
         if FLAGS.format == "tftrt":

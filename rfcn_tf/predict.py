@@ -19,7 +19,7 @@ import sys
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 from absl import app, flags
 
-from rfcn_tf.export import predictor
+from rfcn_tf.export import predictor, require_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model", None, "Exported SavedModel directory (export_dir/<version>).")
@@ -32,9 +32,7 @@ flags.DEFINE_float("min_score_thresh", 0.3, "Detections below this score are not
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("saved_model", "images", "output_dir"):
-        if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required")
+    require_flags("saved_model", "images", "output_dir")
     if not os.path.isfile(os.path.join(FLAGS.saved_model, "saved_model.pb")):
         sys.exit(f"rfcn_tf.predict: error: {FLAGS.saved_model} is not a SavedModel directory "
                  "(no saved_model.pb); give export_dir/<version>")

@@ -354,14 +354,46 @@ def test_matmul_conv_rejects_what_it_cannot_compute():
             matmul_conv.MatmulConv2D(4, **kwargs)
 
 
-def test_rpn_conv_checkpoint_is_a_plain_conv2d():
-    # Same variables as the Conv2D it replaced, so older checkpoints still restore.
+class _PlainConvRpnHead(tf_keras.layers.Layer):
+    """RpnHead as it was before MatmulConv2D: the same trackable structure (attributes
+    _conv, _scores, _deltas) with a plain tf_keras Conv2D as the 3x3 conv."""
+
+    def __init__(self, num_anchors, conv_channels):
+        super().__init__()
+        self._conv = tf_keras.layers.Conv2D(conv_channels, 3, padding="same",
+                                            activation="relu", name="rpn_conv")
+        self._scores = tf_keras.layers.Conv2D(num_anchors, 1, name="rpn_scores")
+        self._deltas = tf_keras.layers.Conv2D(4 * num_anchors, 1, name="rpn_boxes")
+
+    def call(self, features, training=None):
+        x = self._conv(features)
+        batch = tf.shape(features)[0]
+        return (tf.reshape(self._scores(x), [batch, -1]),
+                tf.reshape(self._deltas(x), [batch, -1, 4]))
+
+
+def test_rpn_head_restores_a_plain_conv2d_checkpoint(tmp_path):
+    # Checkpoints written when the RPN conv was a plain Conv2D still restore into RpnHead
+    # (MatmulConv2D keeps Conv2D's variables), and give the same outputs.
+    rng = np.random.default_rng(0)
+    features = tf.constant(rng.normal(size=[2, 5, 6, 4]), tf.float32)
+    old = _PlainConvRpnHead(num_anchors=3, conv_channels=8)
+    old(features)
+    for variable in old.weights:  # random, biases too (the initialisers leave them zero)
+        variable.assign(rng.normal(size=variable.shape))
+    path = tf.train.Checkpoint(head=old).write(str(tmp_path / "old"))
+
     head = rpn.RpnHead(num_anchors=3, conv_channels=8)
-    head(tf.zeros([1, 4, 4, 5]))
+    head(tf.zeros([1, 5, 6, 4]))  # build, so that every variable must be matched
+    status = tf.train.Checkpoint(head=head).read(path)
+    status.assert_consumed()
     conv = head._conv  # pylint: disable=protected-access
-    assert isinstance(conv, tf_keras.layers.Conv2D)
+    assert isinstance(conv, tf_keras.layers.Conv2D) and conv.name == "rpn_conv"
     assert [v.name.split("/")[-1] for v in conv.weights] == ["kernel:0", "bias:0"]
-    assert conv.kernel.shape == (3, 3, 5, 8) and conv.name == "rpn_conv"
+    for training in (False, True):  # False: the matmul form on CPU; True: Conv2D
+        for ours, theirs in zip(head(features, training=training),
+                                old(features, training=training), strict=True):
+            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------- get_config --

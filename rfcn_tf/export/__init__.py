@@ -12,3 +12,17 @@
 Commands: `python -m rfcn_tf.export`, `python -m rfcn_tf.convert`,
 `python -m rfcn_tf.predict`. See docs/serving.md and docs/deployment.md.
 """
+
+from absl import app, flags
+
+
+def require_flags(*names: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Raises app.UsageError("--<name> is required") for the first of `names`, in order,
+    whose flag in `flag_values` is unset or empty (any falsy value: None, "", 0).
+
+    For a command's `main` under absl.app.run, which then prints the message and the
+    usage and exits with status 1. Used by rfcn_tf.convert and rfcn_tf.predict.
+    """
+    for name in names:
+        if not getattr(flag_values, name):
+            raise app.UsageError(f"--{name} is required")
