@@ -64,6 +64,36 @@ def _cuda_home(nvcc):
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
+def _nvcc_release(nvcc):
+    """The CUDA release of `nvcc` as (major, minor), or None if it cannot be read."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        if "release " in line:
+            major, _, minor = line.split("release ", 1)[1].split(",")[0].partition(".")
+            if major.isdigit() and minor.isdigit():
+                return int(major), int(minor)
+    return None
+
+
+def _note_cuda_mismatch(nvcc, tf):
+    """Prints a note when nvcc's CUDA major version differs from TensorFlow's.
+
+    The kernels run on the CUDA runtime they are linked with (statically), so they
+    need a driver for nvcc's CUDA version, which may be newer than the one TensorFlow
+    needs. Where the driver is too old the GPU kernels fail at run time and
+    implementation="auto" falls back to the portable op.
+    """
+    release = _nvcc_release(nvcc)
+    tf_cuda = tf.sysconfig.get_build_info().get("cuda_version") or ""
+    tf_major = tf_cuda.split(".")[0]
+    if release and tf_major.isdigit() and release[0] != int(tf_major):
+        print(f"rfcn-tf: note: nvcc is CUDA {release[0]}.{release[1]}, TensorFlow was built "
+              f"with CUDA {tf_cuda}: the PSRoIPool GPU kernels need a driver that supports "
+              f"CUDA {release[0]}; on older drivers they fail and implementation='auto' "
+              f"uses the portable op. To match TensorFlow, build with a CUDA {tf_major} "
+              "toolkit's nvcc first on PATH.")
+
+
 def _run(cmd):
     print(" ".join(cmd), flush=True)
     subprocess.check_call(cmd)
@@ -102,6 +132,7 @@ class BuildTensorFlowOp(build_ext):
 
         nvcc = _want_cuda()
         if nvcc:
+            _note_cuda_mismatch(nvcc, tf)
             cuda_home = _cuda_home(nvcc)
             archs = os.environ.get("RFCN_TF_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";")
             gencode = []

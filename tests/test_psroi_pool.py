@@ -281,7 +281,7 @@ def test_custom_without_library_says_how_to_build(monkeypatch, caplog):
     monkeypatch.setattr(op_library, "_library", None)
     monkeypatch.setattr(op_library, "_load_error", None)
     monkeypatch.setattr(op_library, "library_path", lambda: None)
-    monkeypatch.setattr(psroi_pool_module, "_logged_fallback", False)
+    monkeypatch.setattr(psroi_pool_module, "_logged_fallbacks", set())
     maps, rois = make_case(seed=5, k=3, scale=1.0, num_random=3)
     with pytest.raises(ops.OpLibraryUnavailableError, match="pip install"):
         psroi(maps, rois, 3, 1.0, "custom")
@@ -293,6 +293,66 @@ def test_custom_without_library_says_how_to_build(monkeypatch, caplog):
                                rtol=1e-5, atol=1e-5)
     fallback_logs = [r for r in caplog.records if "portable implementation" in r.getMessage()]
     assert len(fallback_logs) == 1 and "pip install" in fallback_logs[0].getMessage()
+
+
+class _Kernel:  # stands in for a KernelDef: only device_type is read
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+
+def _pretend_gpu(monkeypatch, devices, probe_error=None):
+    """Makes psroi_pool see a GPU, a library with kernels for `devices`, and a GPU probe
+    that raises `probe_error` (or succeeds). Returns the list of probe calls."""
+    probes = []
+
+    def probe():
+        probes.append(1)
+        if probe_error is not None:
+            raise probe_error
+
+    monkeypatch.setattr(psroi_pool_module, "_gpu_kernel_problem", None)
+    monkeypatch.setattr(psroi_pool_module, "_logged_fallbacks", set())
+    monkeypatch.setattr(psroi_pool_module.placement, "runs_on_gpu", lambda tensor: True)
+    monkeypatch.setattr(psroi_pool_module.tf_kernels, "get_registered_kernels_for_op",
+                        lambda name: type("KernelList", (), {
+                            "kernel": [_Kernel(d) for d in devices]})())
+    monkeypatch.setattr(psroi_pool_module, "_probe_gpu_kernel", probe)
+    return probes
+
+
+@pytest.mark.parametrize("devices, probe_error, expected, reason", [
+    (["CPU", "GPU"], None, "custom", None),
+    (["CPU"], None, "portable", "no GPU kernels"),
+    (["CPU", "GPU"], tf.errors.InternalError(None, None, "cudaErrorInsufficientDriver"),
+     "portable", "cudaErrorInsufficientDriver"),
+])
+def test_auto_on_gpu_needs_a_gpu_kernel_that_runs(monkeypatch, caplog, devices, probe_error,
+                                                  expected, reason):
+    if not op_library.is_available():
+        pytest.skip("needs the compiled library")
+    probes = _pretend_gpu(monkeypatch, devices, probe_error)
+    maps = tf.zeros([1, 4, 4, 9])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert psroi_pool_module._resolve("auto", maps) == expected
+    assert len(probes) == (1 if "GPU" in devices else 0)  # checked once per process
+    fallback_logs = [r.getMessage() for r in caplog.records
+                     if "portable implementation" in r.getMessage()]
+    if reason is None:
+        assert not fallback_logs
+    else:
+        assert len(fallback_logs) == 1 and reason in fallback_logs[0]
+    # Explicit choices are never overridden.
+    assert psroi_pool_module._resolve("custom", maps) == "custom"
+
+
+def test_auto_on_cpu_does_not_probe_the_gpu(monkeypatch):
+    if not op_library.is_available():
+        pytest.skip("needs the compiled library")
+    probes = _pretend_gpu(monkeypatch, ["CPU"])
+    monkeypatch.setattr(psroi_pool_module.placement, "runs_on_gpu", lambda tensor: False)
+    assert psroi_pool_module._resolve("auto", tf.zeros([1, 4, 4, 9])) == "custom"
+    assert not probes
 
 
 def test_custom_library_is_built():

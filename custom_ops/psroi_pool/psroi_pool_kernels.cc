@@ -23,6 +23,7 @@
 
 #if GOOGLE_CUDA
 #include "psroi_pool_launch.h"
+#include "tensorflow/core/util/determinism.h"
 #endif
 
 namespace tensorflow {
@@ -640,6 +641,13 @@ class PsRoiPoolGradGpuOp : public PsRoiPoolKernelBase {
   using PsRoiPoolKernelBase::PsRoiPoolKernelBase;
 
   void Compute(OpKernelContext* ctx) override {
+    // The scatter's float atomic adds sum in a run-dependent order.
+    OP_REQUIRES(ctx, !OpDeterminismRequired(),
+                errors::Unimplemented(
+                    "PSRoIPoolGrad: the GPU kernel is not deterministic (float atomic adds) "
+                    "and op determinism is enabled (tf.config.experimental."
+                    "enable_op_determinism); run the gradient on the CPU, whose kernel is "
+                    "deterministic"));
     using CT = typename CudaType<T>::type;
     PoolingDims dims;
     Tensor* grad_maps = nullptr;

@@ -16,6 +16,10 @@
 // All arithmetic is float and uses explicitly rounded operations on the device
 // (no fused multiply-add contraction), so host and device compute bit-identical
 // bin boundaries; otherwise an FMA could move a floor/ceil across an integer.
+// One exception to bit-identical sums: TensorFlow runs CPU kernels with
+// subnormal floats flushed to zero, while the CUDA kernels (nvcc's default
+// -ftz=false) keep them, so score-map values or partial sums below 2^-126 in
+// magnitude may round differently on the two devices.
 #ifndef RFCN_TF_CUSTOM_OPS_PSROI_POOL_PSROI_POOL_MATH_H_
 #define RFCN_TF_CUSTOM_OPS_PSROI_POOL_PSROI_POOL_MATH_H_
 

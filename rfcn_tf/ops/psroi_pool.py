@@ -1,7 +1,8 @@
 """Position-sensitive RoI pooling (R-FCN, Dai et al. 2016): public function.
 
 Validates the inputs once, then dispatches to the compiled op ("custom") or to the
-stock-TF twin ("portable"); "auto" takes the compiled op when its library loads.
+stock-TF twin ("portable"); "auto" takes the compiled op when its library loads and,
+where the pooling will run on a GPU, when the library has GPU kernels that run there.
 """
 
 import math
@@ -11,13 +12,16 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rfcn_tf.ops import op_library
+from tensorflow.python.framework import kernels as tf_kernels
+
+from rfcn_tf.ops import op_library, placement
 from rfcn_tf.ops.psroi_pool_portable import psroi_pool_portable
 
 IMPLEMENTATIONS = ("auto", "custom", "portable")
 SUPPORTED_DTYPES = (tf.float32, tf.float16)
 
-_logged_fallback = False
+_logged_fallbacks = set()
+_gpu_kernel_problem = None  # cached result of _custom_gpu_kernel_problem; "" when fine
 
 
 def _invalid(message):
@@ -111,21 +115,66 @@ def _checked_inputs(score_maps, rois, group_size):
         return tf.identity(score_maps), tf.identity(rois)
 
 
-def _resolve(implementation):
-    """Maps "auto" to "custom" or "portable"; rejects unknown names."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"psroi_pool: implementation must be one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
+def _probe_gpu_kernel():
+    """Runs the compiled op once on GPU:0 (tiny input, eagerly); raises what it raises.
+
+    Catches a library whose CUDA runtime needs a newer driver than the machine's, or
+    that has no code for this GPU's architecture.
+    """
+    with tf.init_scope(), tf.device("/GPU:0"):
+        maps = tf.ones([1, 2, 2, 1])
+        rois = tf.constant([[0.0, 0.0, 0.0, 1.0, 1.0]])
+        op_library.load().rfcn_ps_roi_pool(maps, rois, group_size=1, spatial_scale=1.0).numpy()
+
+
+def _custom_gpu_kernel_problem():
+    """Why the loaded library cannot pool on this process's GPU, or "" when it can.
+
+    Checked once per process: the library must register a GPU kernel (a CPU-only build
+    would be run on the CPU, with the score maps copied there and back) and the kernel
+    must run (see _probe_gpu_kernel).
+    """
+    global _gpu_kernel_problem  # pylint: disable=global-statement
+    if _gpu_kernel_problem is None:
+        registered = tf_kernels.get_registered_kernels_for_op("RfcnPsRoiPool").kernel
+        if not any(kernel.device_type == "GPU" for kernel in registered):
+            _gpu_kernel_problem = ("the compiled PSRoIPool library has no GPU kernels (it was "
+                                   "built without nvcc); rebuild it with CUDA to use it on GPUs")
+        else:
+            try:
+                _probe_gpu_kernel()
+                _gpu_kernel_problem = ""
+            except tf.errors.OpError as error:
+                _gpu_kernel_problem = (f"the compiled PSRoIPool GPU kernel does not run here: "
+                                       f"{error.message}")
+    return _gpu_kernel_problem
+
+
+def _log_fallback_once(reason):
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        logging.warning("psroi_pool: using the portable implementation: %s", reason)
+
+
+def _resolve(implementation, score_maps):
+    """Maps "auto" to "custom" or "portable" for pooling `score_maps`.
+
+    "auto" is "custom" when the compiled library loads and, if `score_maps` will be
+    pooled on a GPU (placement.runs_on_gpu), its GPU kernel runs; else "portable",
+    with the reason logged once.
+    """
     if implementation != "auto":
         return implementation
     try:
         op_library.load()
     except op_library.OpLibraryUnavailableError as error:
-        global _logged_fallback  # pylint: disable=global-statement
-        if not _logged_fallback:
-            _logged_fallback = True
-            logging.warning("psroi_pool: using the portable implementation. %s", error)
+        _log_fallback_once(str(error))
         return "portable"
+    if placement.runs_on_gpu(score_maps):
+        problem = _custom_gpu_kernel_problem()
+        if problem:
+            _log_fallback_once(problem)
+            return "portable"
     return "custom"
 
 
@@ -144,7 +193,8 @@ def psroi_pool(score_maps, rois, *, group_size, spatial_scale, implementation="a
       implementation: "custom" (compiled op; raises op_library.OpLibraryUnavailableError
         with build instructions when the library is missing), "portable" (stock TF ops
         only, exportable to TFLite builtins and stock TF Serving), or "auto" (custom
-        when its library loads, else portable; logs the fallback once).
+        when its library loads and, when the pooling runs on a GPU, has a GPU kernel
+        that runs there; else portable, logging the reason once).
 
     Returns:
       [R, k, k, D] in score_maps' dtype. Element (r, i, j, d) is the average of channel
@@ -166,11 +216,14 @@ def psroi_pool(score_maps, rois, *, group_size, spatial_scale, implementation="a
         tf.function.
       ValueError: unknown implementation.
     """
-    implementation = _resolve(implementation)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"psroi_pool: implementation must be one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
     group_size, spatial_scale = _check_attrs(group_size, spatial_scale)
     with tf.name_scope("psroi_pool"):
         score_maps, rois = _convert_inputs(score_maps, rois)
         _check_static_shapes(score_maps, rois, group_size)
+        implementation = _resolve(implementation, score_maps)
         if implementation == "custom":
             return op_library.load().rfcn_ps_roi_pool(
                 score_maps, rois, group_size=group_size, spatial_scale=spatial_scale)

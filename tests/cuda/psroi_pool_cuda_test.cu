@@ -106,9 +106,15 @@ std::vector<T> ToHost(const T* device, size_t count) {
   return host;
 }
 
+// The larger of two errors, NaN when either is NaN (std::fmax would drop a NaN), so a
+// NaN anywhere in an output fails its check.
+float MaxError(float worst, float error) {
+  return (std::isnan(worst) || std::isnan(error)) ? NAN : std::fmax(worst, error);
+}
+
 float MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   float worst = 0.0f;
-  for (size_t t = 0; t < a.size(); ++t) worst = std::fmax(worst, std::fabs(a[t] - b[t]));
+  for (size_t t = 0; t < a.size(); ++t) worst = MaxError(worst, std::fabs(a[t] - b[t]));
   return worst;
 }
 
@@ -206,13 +212,13 @@ bool RunCase(const Case& cs, std::mt19937* rng) {
   {
     const std::vector<float> got = HalfToFloat(ToHost(d_pooled_h, pooled_size));
     for (size_t t = 0; t < got.size(); ++t) {
-      fwd_err_h = std::fmax(fwd_err_h, std::fabs(got[t] - want_pooled_h[t]) /
-                                           std::fmax(std::fabs(want_pooled_h[t]), 1e-3f));
+      fwd_err_h = MaxError(fwd_err_h, std::fabs(got[t] - want_pooled_h[t]) /
+                                          std::fmax(std::fabs(want_pooled_h[t]), 1e-3f));
     }
     const std::vector<float> got_grad = HalfToFloat(ToHost(d_grad_maps_h, maps.size()));
     for (size_t t = 0; t < got_grad.size(); ++t) {
-      bwd_err_h = std::fmax(bwd_err_h, std::fabs(got_grad[t] - want_grad_h[t]) /
-                                           std::fmax(std::fabs(want_grad_h[t]), 1e-3f));
+      bwd_err_h = MaxError(bwd_err_h, std::fabs(got_grad[t] - want_grad_h[t]) /
+                                          std::fmax(std::fabs(want_grad_h[t]), 1e-3f));
     }
   }
 
@@ -263,6 +269,9 @@ int main() {
       {2, 9, 11, 3, 2, 17, 0.5f},      {1, 5, 7, 2, 3, 9, 1.0f},
       {3, 13, 6, 7, 2, 11, 0.25f},     {1, 38, 63, 7, 21, 300, 0.0625f},
       {2, 20, 30, 7, 4, 128, 0.0625f}, {1, 4, 4, 1, 1, 0, 1.0f},
+      // 1000 * 7*7 * 400 = 19.6M pooled elements, more than the 65535 blocks of 256
+      // threads of one grid: the grid-stride loops take a second round.
+      {1, 20, 20, 7, 400, 1000, 0.0625f},
   };
   bool all = true;
   for (const Case& cs : cases) all = RunCase(cs, &rng) && all;
