@@ -1,15 +1,18 @@
-"""Fault tolerance: SIGKILL in the middle of an epoch, restart, same end; re-runs continue."""
+"""Fault tolerance: SIGKILL in the middle of an epoch, restart from the backed-up state,
+same end; re-runs continue."""
 
 import glob
 import os
 import signal
 import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 
-from training_helpers import (ensure_synthetic, python_env, read_train_log, run, tiny_override,
-                              train_command, REPO)
+from training_helpers import (DEFAULT_CONFIG, ensure_synthetic, python_env, read_train_log,
+                              run, tiny_override, train_command, REPO)
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +33,16 @@ def _backup_position(model_dir):
         return None
 
 
+def _training_state(prefix):
+    """{key: value} of the detector's and the optimizer's variables in a checkpoint of the
+    trainer saved as "model" (the loss trackers, reset every epoch, are left out)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    reader = tf.train.load_checkpoint(prefix)
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+            if key.startswith(("model/detector/", "model/optimizer/"))
+            and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
+
+
 def _epoch_ends(model_dir):
     return [(r["epoch"], r["step"]) for r in read_train_log(model_dir) if r["event"] == "epoch_end"]
 
@@ -44,7 +57,7 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     process = subprocess.Popen(command, cwd=REPO, env=python_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     killed_at = None
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     try:
         while time.time() < deadline and process.poll() is None:
             position = _backup_position(model_dir)
@@ -63,8 +76,24 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     ends_before = _epoch_ends(model_dir)
     assert ends_before == [(0, STEPS_PER_EPOCH)], ends_before
 
-    result = run(command)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    backup = _training_state(tf.train.latest_checkpoint(
+        os.path.join(model_dir, "backup", "chief")))
+    # Restart: the same training, plus a snapshot of the state it starts its first batch
+    # from (tests/resume_worker.py).
+    snapshot = str(tmp_path / "resumed_state")
+    result = run([sys.executable, os.path.join(REPO, "tests", "resume_worker.py"),
+                  DEFAULT_CONFIG, model_dir, override, snapshot])
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    # It resumed the backed-up weights and optimizer state (step, moments), not the last
+    # regular checkpoint (epoch 0's end) or a fresh init: every variable equal.
+    resumed = _training_state(snapshot)
+    shared = sorted(set(backup) & set(resumed))
+    assert len(shared) == len(resumed) == len(backup) > 100, (len(shared), len(resumed))
+    for key in shared:
+        np.testing.assert_array_equal(resumed[key], backup[key], err_msg=key)
+    iterations = [key for key in shared if key.startswith("model/optimizer/_iterations/")]
+    assert len(iterations) == 1 and int(resumed[iterations[0]]) > STEPS_PER_EPOCH
     log = read_train_log(model_dir)
     begins = [r for r in log if r["event"] == "train_begin"]
     assert len(begins) == 2

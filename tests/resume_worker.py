@@ -1,0 +1,42 @@
+"""Trains like `python -m rfcn_tf.train --mode=train`, snapshotting the state it resumed.
+
+  python tests/resume_worker.py CONFIG_FILE MODEL_DIR OVERRIDE SNAPSHOT_PREFIX
+
+Runs rfcn_tf.training.loop.run_training (no evaluation) with one extra callback: before
+the first batch of the run, after every restore (the latest checkpoint, then the
+BackupAndRestore backup), it writes tf.train.Checkpoint(model=<the trainer>) to
+SNAPSHOT_PREFIX. The trainer is what the backup saves under "model", so the two
+checkpoints share the keys of the detector's variables and the optimizer's state, and a
+test can compare them value by value.
+"""
+
+import sys
+
+import rfcn_tf  # noqa: F401
+import tensorflow as tf
+import tf_keras
+
+from rfcn_tf import configs
+from rfcn_tf.training import loop
+
+
+class SnapshotFirstBatch(tf_keras.callbacks.Callback):
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
+        self.written = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.written:
+            tf.train.Checkpoint(model=self.model).write(self.prefix)
+            self.written = True
+
+
+def main(config_file, model_dir, override, prefix):
+    config = configs.load_config(config_file, override)
+    loop.run_training(config, model_dir, evaluate=False,
+                      extra_callbacks=[SnapshotFirstBatch(prefix)])
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
