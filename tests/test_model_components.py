@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import model_test_utils as mtu
+import psroi_reference
 import tensorflow as tf
 import tf_keras
 
@@ -59,14 +60,25 @@ def test_sample_balanced_respects_fraction_and_candidates():
 
 
 def test_sample_balanced_is_random_over_candidates():
-    positive = tf.constant(np.arange(100)[None] < 50)
-    negative = ~positive
-    draws = np.stack([sampling.sample_balanced(positive, negative, 10, 0.5).numpy()[0]
-                      for _ in range(200)])
+    # 2000 independent rows in one call (each row is one draw of 5 of the 50 positives and
+    # 5 of the 50 negatives), seeded so that the draw is fixed. Under uniform sampling each
+    # candidate's hit count is Binomial(2000, 0.1): mean 200, sd 13.4, and the chi-square
+    # statistic over the 50 candidates of a group has ~49 degrees of freedom (mean 49;
+    # P(> 90) = 3e-4). Global seeds 0-5 give 30-55, hits in [156, 239]. A sampler drawing half the
+    # candidates with twice the weight gives a statistic near 1000, one doubled candidate
+    # ~360 hits (statistic ~180): both fail these bounds.
+    rows = 2000
+    positive = tf.constant(np.tile(np.arange(100)[None] < 50, [rows, 1]))
+    tf.random.set_seed(0)
+    draws = sampling.sample_balanced(positive, ~positive, 10, 0.5, seed=7).numpy()
+    np.testing.assert_array_equal((draws & positive.numpy()).sum(1), 5)
+    np.testing.assert_array_equal((draws & ~positive.numpy()).sum(1), 5)
     hits = draws.sum(0)
-    # Each of the 50 positives is drawn with probability 5/50 per draw: 20 expected.
-    assert hits[:50].min() > 3 and hits[:50].max() < 45
-    assert hits[50:].min() > 3 and hits[50:].max() < 45
+    expected = rows * 5 / 50
+    for group in (hits[:50], hits[50:]):
+        chi_square = ((group - expected) ** 2 / expected).sum()
+        assert chi_square < 90, (chi_square, group)
+        assert group.min() >= 140 and group.max() <= 260, group
 
 
 def test_indices_of_true_pads_with_invalid_slots():
@@ -209,28 +221,89 @@ def test_boxes_to_psroi_rois_uses_inclusive_corners():
                                [[0, 2, 1, 21, 10], [1, 4, 3, 5, 4]])
 
 
+# Continuous (ymin, xmin, ymax, xmax) boxes in input pixels for 6 x 8 stride-16 maps
+# (a 96 x 128 image): grid-aligned (where the inclusive-corner "- 1" decides whether one
+# more map column/row is read), fractional, crossing the image border, small.
+PS_BOXES = np.array([[[16, 16, 80, 96], [7.3, 21.6, 50.2, 70.9], [40, 100, 130, 170]],
+                     [[0, 0, 96, 128], [33, 49, 47, 63], [20.5, 3.5, 60.5, 44.5]]], np.float32)
+
+
+def _reference_votes(maps, boxes, k, stride):
+    """[B, R, D]: psroi_reference's pooling averaged over the k x k bins.
+
+    A continuous box (ymin, xmin, ymax, xmax) covers pixels xmin..xmax-1, so its op row is
+    (batch, xmin, ymin, xmax - 1, ymax - 1) with inclusive last pixels.
+    """
+    rows = [[b, x1, y1, x2 - 1, y2 - 1]
+            for b in range(boxes.shape[0]) for y1, x1, y2, x2 in boxes[b]]
+    pooled = psroi_reference.psroi_pool_forward(maps, rows, k, 1.0 / stride)
+    return pooled.mean(axis=(1, 2)).reshape(boxes.shape[0], boxes.shape[1], -1)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_pool_and_vote_averages_the_position_sensitive_channels(k):
     depth = 3
-    channels = k * k * depth
-    # Channel c holds the constant c: bin (i, j) of output d reads channel (d*k+i)*k+j.
-    maps = tf.tile(tf.range(channels, dtype=tf.float32)[None, None, None], [2, 6, 8, 1])
+    maps = np.random.default_rng(k).normal(size=(2, 6, 8, k * k * depth)).astype(np.float32)
     head = rfcn_head.PositionSensitiveHead(num_classes=depth - 1, group_size=k,
                                            psroi_impl="portable")
-    boxes = tf.constant([[[16, 16, 80, 96]], [[0, 0, 96, 128]]], tf.float32)
-    rois = rfcn_head.boxes_to_psroi_rois(boxes)
-    voted = head._pool_and_vote(maps, rois, 2, 1)  # pylint: disable=protected-access
-    expected = [d * k * k + (k * k - 1) / 2 for d in range(depth)]
-    np.testing.assert_allclose(voted.numpy(), np.tile(expected, [2, 1, 1]), rtol=1e-6)
+    rois = rfcn_head.boxes_to_psroi_rois(tf.constant(PS_BOXES))
+    voted = head._pool_and_vote(tf.constant(maps), rois, 2, 3)  # pylint: disable=protected-access
+    expected = _reference_votes(maps, PS_BOXES, k, stride=16)
+    assert voted.shape == (2, 3, depth)
+    np.testing.assert_allclose(voted.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # The boxes distinguish the convention: stride 8, or boxes passed without the "- 1",
+    # read other pixels.
+    assert np.abs(_reference_votes(maps, PS_BOXES, k, stride=8) - expected).max() > 0.05
+    shifted = PS_BOXES + np.array([0, 0, 1, 1], np.float32)
+    assert np.abs(_reference_votes(maps, shifted, k, stride=16) - expected).max() > 0.05
 
 
-@pytest.mark.parametrize("agnostic,box_width", [(True, 4), (False, 12)])
-def test_head_output_shapes(agnostic, box_width):
-    head = rfcn_head.PositionSensitiveHead(num_classes=2, group_size=3, reduce_channels=8,
-                                           class_agnostic_box=agnostic, psroi_impl="portable")
+@pytest.mark.parametrize("stride", [16, 8])
+def test_head_call_pools_its_score_maps_at_the_feature_stride(stride):
+    # With identity 1x1 convs the class maps are the (positive) features themselves and the
+    # box maps the features with reversed channels: call() must pool them at
+    # 1/feature_stride, class logits from the class maps and deltas from the box maps.
+    k, num_classes = 3, 3
+    channels = k * k * (num_classes + 1)  # = 4*k*k, the class-agnostic box maps
+    head = rfcn_head.PositionSensitiveHead(num_classes=num_classes, group_size=k,
+                                           reduce_channels=channels, psroi_impl="portable",
+                                           feature_stride=stride)
+    features = np.random.default_rng(stride).uniform(0.1, 1.0, (2, 6, 8, channels))
+    features = features.astype(np.float32)
+    boxes = PS_BOXES * (stride / 16)
+    head(tf.constant(features), tf.constant(boxes))  # build
+    eye = np.eye(channels, dtype=np.float32)[None, None]
+    # pylint: disable=protected-access
+    for layer, kernel in ((head._reduce, eye), (head._class_maps, eye),
+                          (head._box_maps, eye[..., ::-1])):
+        layer.set_weights([kernel, np.zeros(channels, np.float32)])
+    logits, deltas = head(tf.constant(features), tf.constant(boxes))
+    np.testing.assert_allclose(logits.numpy(), _reference_votes(features, boxes, k, stride),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(deltas.numpy(),
+                               _reference_votes(features[..., ::-1], boxes, k, stride),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("agnostic,k", [(True, 3), (False, 3), (False, 7)])
+def test_head_output_shapes(agnostic, k):
+    num_classes = 2
+    head = rfcn_head.PositionSensitiveHead(num_classes=num_classes, group_size=k,
+                                           reduce_channels=8, class_agnostic_box=agnostic,
+                                           psroi_impl="portable")
     logits, deltas = head(tf.random.normal([2, 4, 6, 16]), tf.random.uniform([2, 5, 4]) * 40)
-    assert logits.shape == (2, 5, 3) and deltas.shape == (2, 5, box_width)
-    assert logits.dtype == tf.float32
+    # One box per RoI (4 deltas) when class-agnostic, else one per class, background
+    # included: 4 * (C + 1). The maps: k*k per class output, k*k per box output.
+    box_width = 4 if agnostic else 4 * (num_classes + 1)
+    assert logits.shape == (2, 5, num_classes + 1) and deltas.shape == (2, 5, box_width)
+    assert logits.dtype == tf.float32 and deltas.dtype == tf.float32
+    class_maps, box_maps = head.score_maps(tf.zeros([1, 4, 6, 16]))
+    assert class_maps.shape[-1] == k * k * (num_classes + 1)  # 27 for k=3, 147 for k=7
+    assert box_maps.shape[-1] == k * k * box_width
+    # pylint: disable=protected-access
+    assert head._reduce.kernel.shape == (1, 1, 16, 8)
+    assert head._class_maps.kernel.shape == (1, 1, 8, k * k * (num_classes + 1))
+    assert head._box_maps.kernel.shape == (1, 1, 8, k * k * box_width)
 
 
 def test_head_rejects_unknown_implementation():
@@ -398,14 +471,49 @@ def test_rpn_head_restores_a_plain_conv2d_checkpoint(tmp_path):
 
 # --------------------------------------------------------------- get_config --
 
-@pytest.mark.parametrize("layer", [
-    rpn.RpnHead(num_anchors=6, conv_channels=16),
-    rpn.ProposalGenerator(pre_nms_top_k_train=100, num_proposals_test=7, min_box_size=2.0),
-    rfcn_head.PositionSensitiveHead(num_classes=4, group_size=3, class_agnostic_box=False),
-    detection.RfcnDetectionGenerator(num_classes=4, nms_iou=0.4, nms_version="batched"),
-    matmul_conv.MatmulConv2D(filters=8, kernel_size=3, activation="relu"),
-    backbone_lib.DilatedResidualBlock(filters=8, strides=1, dilation_rate=2),
-], ids=lambda layer: type(layer).__name__)
-def test_layer_config_round_trip(layer):
-    clone = type(layer).from_config(layer.get_config())
-    assert clone.get_config() == layer.get_config()
+LAYER_KWARGS = [  # every value differs from the constructor's default
+    (rpn.RpnHead, {"num_anchors": 6, "conv_channels": 16, "name": "rpn_x"}),
+    (rpn.ProposalGenerator, {"pre_nms_top_k_train": 100, "pre_nms_top_k_test": 50,
+                             "num_proposals_train": 20, "num_proposals_test": 7,
+                             "nms_iou": 0.4, "min_box_size": 2.0}),
+    (rfcn_head.PositionSensitiveHead, {"num_classes": 4, "group_size": 3, "reduce_channels": 32,
+                                       "class_agnostic_box": False, "psroi_impl": "portable",
+                                       "feature_stride": 8}),
+    (detection.RfcnDetectionGenerator, {"num_classes": 4, "nms_iou": 0.4, "score_threshold": 0.2,
+                                        "max_detections": 20, "pre_nms_top_k": 50,
+                                        "nms_version": "v2", "box_stds": (0.2, 0.2, 0.1, 0.1)}),
+    (matmul_conv.MatmulConv2D, {"filters": 8, "kernel_size": 5, "activation": "relu",
+                                "use_bias": False, "matmul_inference": False}),
+    (backbone_lib.DilatedResidualBlock, {"filters": 8, "strides": 1, "dilation_rate": 2,
+                                         "use_projection": True, "norm_momentum": 0.9}),
+]
+
+
+def _normalised(value):
+    """Config values comparable with constructor arguments: sequences as lists, activations
+    by name."""
+    if isinstance(value, (list, tuple)):
+        return [_normalised(v) for v in value]
+    if callable(value):
+        return tf_keras.activations.serialize(value)
+    return value
+
+
+def _assert_config_holds(config, kwargs):
+    for key, value in kwargs.items():
+        assert key in config, key
+        held = _normalised(config[key])
+        if key == "kernel_size" and isinstance(value, int):
+            value = [value, value]  # Conv2D stores kernel_size 5 as (5, 5)
+        assert held == _normalised(value), (key, held, value)
+
+
+@pytest.mark.parametrize("layer_class,kwargs", LAYER_KWARGS,
+                         ids=[cls.__name__ for cls, _ in LAYER_KWARGS])
+def test_layer_config_round_trip(layer_class, kwargs):
+    layer = layer_class(**kwargs)
+    config = layer.get_config()
+    _assert_config_holds(config, kwargs)
+    clone = layer_class.from_config(config)
+    _assert_config_holds(clone.get_config(), kwargs)
+    assert clone.get_config() == config

@@ -10,7 +10,7 @@ import model_test_utils as mtu
 import tensorflow as tf
 
 from rfcn_tf import configs
-from rfcn_tf.modeling import LOSS_KEYS, RfcnModel, build_model
+from rfcn_tf.modeling import LOSS_KEYS, RfcnModel, build_model, ohem, roi_targets
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
@@ -113,15 +113,45 @@ def test_boxes_are_relative_to_the_original_image():
 
 
 @pytest.mark.parametrize("variant", ["no_ohem", "class_specific", "k7"])
-def test_training_variants(variant):
-    cfg = mtu.tiny_config(psroi_impl="portable", ohem=variant != "no_ohem",
-                          group_size=7 if variant == "k7" else 3)
+def test_training_variants(variant, monkeypatch):
+    use_ohem = variant != "no_ohem"
+    k = 7 if variant == "k7" else 3
+    cfg = mtu.tiny_config(psroi_impl="portable", ohem=use_ohem, group_size=k)
     cfg.head.class_agnostic_box = variant != "class_specific"
+    cfg.rpn.post_nms_top_k_train = 48  # != ohem_num_rois (64): tells the two paths apart
     model = build_model(cfg)
-    losses = model.compute_losses(mtu.random_batch(2, 64, 96))
-    assert all(np.isfinite(v.numpy()) for v in losses.values())
+    # Which second-stage sampling runs: OHEM's hard-example selection or the random sampler.
+    calls = {"ohem": 0, "sample_rois": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ohem, "select_hard_examples", counted("ohem", ohem.select_hard_examples))
+    monkeypatch.setattr(roi_targets, "sample_rois",
+                        counted("sample_rois", roi_targets.sample_rois))
+    train = model(mtu.random_batch(2, 64, 96), training=True)
+    assert all(np.isfinite(train[key].numpy()) for key in LOSS_KEYS)
+    assert calls == {"ohem": int(use_ohem), "sample_rois": int(not use_ohem)}
+    # OHEM scores ohem_num_rois proposals per image, the plain sampler post_nms_top_k_train.
+    assert train["rpn_proposals"].shape == (2, 64 if use_ohem else 48, 4)
+
+    # The head's maps and outputs follow group_size and class_agnostic_box: k*k maps per
+    # class (C + 1 = 3) and per box output (4, or 4 * (C + 1) = 12 class-specific).
+    classes = cfg.num_classes + 1
+    box_width = 4 if cfg.head.class_agnostic_box else 4 * classes
+    head = model.head
+    assert head._class_maps.kernel.shape[-1] == k * k * classes  # pylint: disable=protected-access
+    assert head._box_maps.kernel.shape[-1] == k * k * box_width  # pylint: disable=protected-access
+    conv5 = model.backbone(mtu.random_batch(2, 64, 96)["images"])["conv5"]
+    logits, deltas = head(conv5, tf.constant([[[0, 0, 40, 60]], [[8, 8, 64, 96]]], tf.float32))
+    assert logits.shape == (2, 1, classes) and deltas.shape == (2, 1, box_width)
+
     out = model(mtu.inference_inputs(mtu.random_batch(2, 64, 96)), training=False)
     assert out["detection_boxes"].shape == (2, 100, 4)
+    assert np.isfinite(out["detection_boxes"].numpy()).all()
 
 
 def test_batch_without_any_ground_truth():
