@@ -1,10 +1,12 @@
 """TFLite: builtin-ops-only conversion at a fixed input size, run with ai_edge_litert.
 
-float32 / float16 must reproduce the SavedModel's top detections (IoU >= 0.9, score
-within 0.02, same class). full_int8 (calibrated on training images drawn from the
-train_data of the config) must still find the objects with the right classes (IoU >=
-0.7); its score drift is printed (pytest -s), not bounded. dynamic_int8 is measured by
-bench/tflite_variants.py, not here, to keep the suite fast.
+float32 must reproduce the SavedModel's outputs up to float32 rounding (same number of
+detections and classes, boxes and scores within 1e-4); float16 (weights rounded to half
+precision) its top detections (IoU >= 0.9, score within 0.02, same class). full_int8
+(calibrated on training images drawn from the train_data of the config) must still find
+the objects with the right classes (IoU >= 0.7); its score drift is printed (pytest -s),
+not bounded. dynamic_int8 is measured by bench/tflite_variants.py, not here, to keep the
+suite fast.
 """
 
 from __future__ import annotations
@@ -73,9 +75,25 @@ def test_float_models_match_the_saved_model(converted, saved_model_outputs, vari
     outputs = detector(ef.scene()[None])
     ious, score_diffs, same_class = matched(saved_model_outputs, outputs)
     assert len(ious) == 2  # both objects of the scene
-    assert ious.min() >= 0.9, ious
-    assert score_diffs.max() <= 0.02, score_diffs
-    assert same_class.all()
+    if variant == "float32":
+        # The same float32 graph run by TFLite's kernels (XNNPACK) instead of TensorFlow's:
+        # only rounding differs. Measured on the scene (and on scene(seed) 1-3): boxes
+        # within 1.2e-7, scores within 4.2e-7, so atol 1e-4 leaves a margin of over 200x
+        # for other CPUs' kernels and stays far below what a wrong conversion would give.
+        # num_detections and the classes must match exactly: the scene's detections
+        # (scores ~0.87, ~0.74, ~0.12) are far from each other and from
+        # model.detection.score_threshold (0.05) compared with that rounding, so no
+        # rank swap or threshold crossing can be caused by it. The whole padded outputs
+        # are compared, the empty slots included.
+        for key in ("num_detections", "detection_classes"):
+            np.testing.assert_array_equal(outputs[key], saved_model_outputs[key], err_msg=key)
+        for key in ("detection_boxes", "detection_scores"):
+            np.testing.assert_allclose(outputs[key], saved_model_outputs[key], rtol=0,
+                                       atol=1e-4, err_msg=key)
+    else:
+        assert ious.min() >= 0.9, ious
+        assert score_diffs.max() <= 0.02, score_diffs
+        assert same_class.all()
 
 
 def test_variants_shrink_the_model(converted):
