@@ -15,8 +15,7 @@ import numpy as np
 import rfcn_tf  # noqa: F401
 import tf_keras
 
-from rfcn_tf import configs
-from rfcn_tf.training import loop
+from training_helpers import train_in_this_process
 
 
 class SaveWeights(tf_keras.callbacks.Callback):
@@ -34,9 +33,7 @@ class SaveWeights(tf_keras.callbacks.Callback):
 
 
 def main(config_file, model_dir, override, weights_path):
-    config = configs.load_config(config_file, override)
-    loop.run_training(config, model_dir, evaluate=False,
-                      extra_callbacks=[SaveWeights(weights_path)])
+    train_in_this_process(config_file, model_dir, override, SaveWeights(weights_path))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import rfcn_tf  # noqa: F401
 import tensorflow as tf
 import tf_keras
 
-from rfcn_tf import configs
-from rfcn_tf.training import loop
+from training_helpers import train_in_this_process
 
 
 class SnapshotFirstBatch(tf_keras.callbacks.Callback):
@@ -33,9 +32,7 @@ class SnapshotFirstBatch(tf_keras.callbacks.Callback):
 
 
 def main(config_file, model_dir, override, prefix):
-    config = configs.load_config(config_file, override)
-    loop.run_training(config, model_dir, evaluate=False,
-                      extra_callbacks=[SnapshotFirstBatch(prefix)])
+    train_in_this_process(config_file, model_dir, override, SnapshotFirstBatch(prefix))
 
 
 if __name__ == "__main__":

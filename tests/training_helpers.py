@@ -62,3 +62,12 @@ def ensure_synthetic(data_dir, num_images=16, size=128):
     """Generates the tiny synthetic set once, before processes that share it start."""
     from rfcn_tf.data import synthetic  # pylint: disable=import-outside-toplevel
     return synthetic.ensure_voc(str(data_dir), num_images, [size, size], 0)
+
+
+def train_in_this_process(config_file, model_dir, override, callback):
+    """Trains like `python -m rfcn_tf.train --mode=train` (no evaluation), with `callback`
+    added after the built-in ones; for the worker scripts that tests run as subprocesses."""
+    from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
+    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
+    loop.run_training(configs.load_config(config_file, override), model_dir, evaluate=False,
+                      extra_callbacks=[callback])
