@@ -8,17 +8,20 @@ alternative of gathering every bin pixel instead of using a summed-area table:
 
   transpose        [D, k*k] -> [k*k, D] channel swap of every pixel
   spatial_mean     per-channel mean as a [1, H*W] x [H*W, C] matmul
-  subtract_mean    maps minus that mean (broadcast)
+  subtract_mean    maps minus a per-channel offset, broadcast over H and W (the cost of
+                   subtracting the mean)
   prefix_h         H prefix sum: [H+1, H] triangular matmul over W*C columns
   prefix_w         W prefix sum: batch of H [W+1, W] triangular matmuls over C columns
+  cumsum_h         the same H prefix sum with tf.cumsum (the GPU formulation)
+  cumsum_w         the same W prefix sum with tf.cumsum
   add_one          maps + 1 (the floor of any op that reads and writes the map)
   gather_pixels    tf.gather of --bin_pixels D-vectors (every pixel of every bin of 300
                    proposal-like RoIs is about 82k) from the group-major map
   segment_sum      tf.math.unsorted_segment_sum of those rows into 300*49 bins
 
-Each timed tf.function call runs the pass on --ops_per_graph independent inputs (so the
-Python -> tf.function dispatch is amortised, as inside a model) and the time is divided
-by that count. Calls alternate between the passes after a warm-up; prints the median
+Each timed tf.function call runs the pass on --ops_per_graph independent inputs, one
+after the other (control dependencies), so the Python -> tf.function dispatch is
+amortised as inside a model, and the time is divided by that count. Calls alternate between the passes after a warm-up; prints the median
 wall time per pass.
 
   python bench/portable_passes.py
@@ -72,6 +75,9 @@ def make_pass(rng):
         "prefix_h": lambda x: tf.matmul(lower_h,
                                         tf.reshape(x["maps"], [1, HEIGHT, WIDTH * channels])),
         "prefix_w": lambda x: tf.matmul(lower_w, tf.reshape(x["maps"], [HEIGHT, WIDTH, channels])),
+        "cumsum_h": lambda x: tf.cumsum(tf.reshape(x["maps"], [1, HEIGHT, WIDTH * channels]),
+                                        axis=1),
+        "cumsum_w": lambda x: tf.cumsum(tf.reshape(x["maps"], [HEIGHT, WIDTH, channels]), axis=1),
         "add_one": lambda x: x["maps"] + 1.0,
         "gather_pixels": lambda x: tf.gather(tf.reshape(x["grouped"], [-1, DEPTH]), x["rows"]),
         "segment_sum": lambda x: tf.math.unsorted_segment_sum(x["pixel_values"], x["bins"],
@@ -84,8 +90,16 @@ def main(argv):
     del argv
     passes, make_inputs = make_pass(np.random.default_rng(0))
     inputs = [make_inputs() for _ in range(FLAGS.ops_per_graph)]
-    calls = {name: tf.function(lambda xs, fn=fn: [fn(x) for x in xs])
-             for name, fn in passes.items()}
+    def one_after_the_other(fn):
+        def call(xs):
+            outputs = []
+            for x in xs:
+                with tf.control_dependencies(outputs[-1:]):
+                    outputs.append(fn(x))
+            return outputs
+        return tf.function(call)
+
+    calls = {name: one_after_the_other(fn) for name, fn in passes.items()}
     for call in calls.values():
         for _ in range(3):
             call(inputs)

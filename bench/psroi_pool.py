@@ -20,9 +20,10 @@ Each timed call is one tf.function call. With --ops_per_graph=1 (the default) it
 implementation once, so every figure includes one Python -> tf.function dispatch (about
 0.3-0.5 ms on a 2-vCPU machine, the same for every implementation). With
 --ops_per_graph=N the function runs it on N independent inputs (distinct score maps, RoIs
-and upstream gradients, so that no work can be shared between them) and the figures are
-per op, time / N: the dispatch is amortised as it is in a model, where pooling is one op
-of a large graph.
+and upstream gradients, so that no work can be shared between them), one after the other
+(control dependencies, so they cannot overlap on the inter-op thread pool), and the
+figures are per op, time / N: the dispatch is amortised as it is in a model, where
+pooling is one op of a large graph.
 
   python bench/psroi_pool.py --output=/tmp/psroi_bench.json
   python bench/psroi_pool.py --ops_per_graph=10
@@ -137,16 +138,21 @@ def make_steps(pool):
 
     @tf.function
     def forward(maps, rois):
-        return [pool(m, r) for m, r in zip(maps, rois)]
+        outputs = []
+        for m, r in zip(maps, rois):
+            with tf.control_dependencies(outputs[-1:]):  # one op after the other
+                outputs.append(pool(m, r))
+        return outputs
 
     @tf.function
     def forward_backward(maps, rois, upstream):
         results = []
         for m, r, u in zip(maps, rois, upstream):
-            with tf.GradientTape() as tape:
-                tape.watch(m)
-                out = pool(m, r)
-            results.append((out, tape.gradient(out, m, output_gradients=u)))
+            with tf.control_dependencies(results[-1][1:] if results else []):
+                with tf.GradientTape() as tape:
+                    tape.watch(m)
+                    out = pool(m, r)
+                results.append((out, tape.gradient(out, m, output_gradients=u)))
         return results
 
     return forward, forward_backward

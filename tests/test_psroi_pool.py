@@ -295,47 +295,40 @@ def test_custom_without_library_says_how_to_build(monkeypatch, caplog):
     assert len(fallback_logs) == 1 and "pip install" in fallback_logs[0].getMessage()
 
 
-class _Kernel:  # stands in for a KernelDef: only device_type is read
-    def __init__(self, device_type):
-        self.device_type = device_type
-
-
-def _pretend_gpu(monkeypatch, devices, probe_error=None):
-    """Makes psroi_pool see a GPU, a library with kernels for `devices`, and a GPU probe
-    that raises `probe_error` (or succeeds). Returns the list of probe calls."""
+def _pretend_gpu(monkeypatch, probe_device="/device:GPU:0", probe_error=None):
+    """Makes psroi_pool see pooling on a GPU and a probe of the compiled op that runs on
+    `probe_device` or raises `probe_error`. Returns the list of probe calls."""
     probes = []
 
     def probe():
         probes.append(1)
         if probe_error is not None:
             raise probe_error
+        return probe_device
 
     monkeypatch.setattr(psroi_pool_module, "_gpu_kernel_problem", None)
     monkeypatch.setattr(psroi_pool_module, "_logged_fallbacks", set())
     monkeypatch.setattr(psroi_pool_module.placement, "runs_on_gpu", lambda tensor: True)
-    monkeypatch.setattr(psroi_pool_module.tf_kernels, "get_registered_kernels_for_op",
-                        lambda name: type("KernelList", (), {
-                            "kernel": [_Kernel(d) for d in devices]})())
     monkeypatch.setattr(psroi_pool_module, "_probe_gpu_kernel", probe)
     return probes
 
 
-@pytest.mark.parametrize("devices, probe_error, expected, reason", [
-    (["CPU", "GPU"], None, "custom", None),
-    (["CPU"], None, "portable", "no GPU kernels"),
-    (["CPU", "GPU"], tf.errors.InternalError(None, None, "cudaErrorInsufficientDriver"),
+@pytest.mark.parametrize("probe_device, probe_error, expected, reason", [
+    ("/job:localhost/replica:0/task:0/device:GPU:0", None, "custom", None),
+    ("/job:localhost/replica:0/task:0/device:CPU:0", None, "portable", "no GPU kernel"),
+    ("/device:GPU:0", tf.errors.InternalError(None, None, "cudaErrorInsufficientDriver"),
      "portable", "cudaErrorInsufficientDriver"),
 ])
-def test_auto_on_gpu_needs_a_gpu_kernel_that_runs(monkeypatch, caplog, devices, probe_error,
-                                                  expected, reason):
+def test_auto_on_gpu_needs_a_gpu_kernel_that_runs(monkeypatch, caplog, probe_device,
+                                                  probe_error, expected, reason):
     if not op_library.is_available():
         pytest.skip("needs the compiled library")
-    probes = _pretend_gpu(monkeypatch, devices, probe_error)
+    probes = _pretend_gpu(monkeypatch, probe_device, probe_error)
     maps = tf.zeros([1, 4, 4, 9])
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             assert psroi_pool_module._resolve("auto", maps) == expected
-    assert len(probes) == (1 if "GPU" in devices else 0)  # checked once per process
+    assert len(probes) == 1  # decided once per process
     fallback_logs = [r.getMessage() for r in caplog.records
                      if "portable implementation" in r.getMessage()]
     if reason is None:
@@ -346,13 +339,46 @@ def test_auto_on_gpu_needs_a_gpu_kernel_that_runs(monkeypatch, caplog, devices, 
     assert psroi_pool_module._resolve("custom", maps) == "custom"
 
 
+def test_auto_retries_the_gpu_after_running_out_of_memory(monkeypatch):
+    if not op_library.is_available():
+        pytest.skip("needs the compiled library")
+    probes = _pretend_gpu(monkeypatch, probe_error=tf.errors.ResourceExhaustedError(
+        None, None, "OOM when allocating"))
+    maps = tf.zeros([1, 4, 4, 9])
+    assert psroi_pool_module._resolve("auto", maps) == "portable"
+    monkeypatch.setattr(psroi_pool_module, "_probe_gpu_kernel", lambda: "/device:GPU:0")
+    assert psroi_pool_module._resolve("auto", maps) == "custom"
+    assert len(probes) == 1
+
+
 def test_auto_on_cpu_does_not_probe_the_gpu(monkeypatch):
     if not op_library.is_available():
         pytest.skip("needs the compiled library")
-    probes = _pretend_gpu(monkeypatch, ["CPU"])
+    probes = _pretend_gpu(monkeypatch)
     monkeypatch.setattr(psroi_pool_module.placement, "runs_on_gpu", lambda tensor: False)
     assert psroi_pool_module._resolve("auto", tf.zeros([1, 4, 4, 9])) == "custom"
     assert not probes
+
+
+def test_gpu_probe_without_a_gpu_reports_that_the_op_ran_on_the_cpu(monkeypatch):
+    # The real probe: with no GPU visible the op is soft-placed on the CPU, which the
+    # check must read as "no GPU kernel here" rather than "the GPU kernel works".
+    if not op_library.is_available():
+        pytest.skip("needs the compiled library")
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("a GPU is visible")
+    monkeypatch.setattr(psroi_pool_module, "_gpu_kernel_problem", None)
+    assert "CPU" in psroi_pool_module._probe_gpu_kernel().upper()
+    assert "no GPU kernel" in psroi_pool_module._custom_gpu_kernel_problem()
+
+
+def test_placement_follows_the_device_scope_in_eager_mode():
+    host_tensor = tf.constant(np.zeros([2], np.float32))
+    with tf.device("/CPU:0"):
+        assert not placement.runs_on_gpu(host_tensor)
+    with tf.device("/GPU:0"):
+        assert placement.runs_on_gpu(host_tensor)  # the next op is placed there
+    assert placement.runs_on_gpu(host_tensor) == bool(tf.config.list_logical_devices("GPU"))
 
 
 def test_custom_library_is_built():

@@ -135,7 +135,6 @@ __global__ void FloatToHalfKernel(const float* in, int64_t count, __half* out) {
   }
 }
 
-
 int64_t ScoreMapSize(const PsRoiPoolDims& dims) {
   return dims.num_images * dims.height * dims.width * dims.channels;
 }

@@ -1,12 +1,18 @@
 """Trace-time guess of where ops will run, for layers that pick a formulation per device."""
 
 import tensorflow as tf
+from tensorflow.python.eager import context as eager_context
 
 
 def runs_on_gpu(tensor: tf.Tensor) -> bool:
-    """Best guess, at trace time, whether ops on `tensor` run on a GPU: its device (eager)
-    or the tf.device scope it was made in (graph) if set, else whether a GPU is visible."""
-    device = tensor.device
+    """Best guess whether ops on `tensor` made here run on a GPU.
+
+    In a graph (tf.function), `tensor.device` is the tf.device scope it was made in. In
+    eager mode, where `tensor` lives does not decide where the next op runs (a host tensor,
+    e.g. from NumPy or tf.data, is copied to the default device), so the current tf.device
+    scope is used. With no scope, ops go to a GPU when one is visible.
+    """
+    device = eager_context.context().device_name if tf.executing_eagerly() else tensor.device
     if device:
         return "GPU" in device.upper()
     return bool(tf.config.list_logical_devices("GPU"))

@@ -12,8 +12,6 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tensorflow.python.framework import kernels as tf_kernels
-
 from rfcn_tf.ops import op_library, placement
 from rfcn_tf.ops.psroi_pool_portable import psroi_pool_portable
 
@@ -116,37 +114,44 @@ def _checked_inputs(score_maps, rois, group_size):
 
 
 def _probe_gpu_kernel():
-    """Runs the compiled op once on GPU:0 (tiny input, eagerly); raises what it raises.
+    """Runs the compiled op once, eagerly, on a tiny input under tf.device("/GPU:0").
 
-    Catches a library whose CUDA runtime needs a newer driver than the machine's, or
-    that has no code for this GPU's architecture.
+    Returns the device the op ran on: a GPU, or the CPU when the library has no GPU
+    kernel (soft placement). Raises what the op raises, e.g. for a library whose CUDA
+    runtime needs a newer driver than the machine's, or that has no code for this GPU.
     """
     with tf.init_scope(), tf.device("/GPU:0"):
         maps = tf.ones([1, 2, 2, 1])
         rois = tf.constant([[0.0, 0.0, 0.0, 1.0, 1.0]])
-        op_library.load().rfcn_ps_roi_pool(maps, rois, group_size=1, spatial_scale=1.0).numpy()
+        pooled = op_library.load().rfcn_ps_roi_pool(maps, rois, group_size=1,
+                                                    spatial_scale=1.0)
+        pooled.numpy()
+        return pooled.device
 
 
 def _custom_gpu_kernel_problem():
     """Why the loaded library cannot pool on this process's GPU, or "" when it can.
 
-    Checked once per process: the library must register a GPU kernel (a CPU-only build
-    would be run on the CPU, with the score maps copied there and back) and the kernel
-    must run (see _probe_gpu_kernel).
+    Decided by one probe (_probe_gpu_kernel) per process: the op must run on the GPU (a
+    library built without nvcc would run on the CPU, with the score maps copied there
+    and back) and succeed. A failure for lack of GPU memory is not remembered.
     """
     global _gpu_kernel_problem  # pylint: disable=global-statement
-    if _gpu_kernel_problem is None:
-        registered = tf_kernels.get_registered_kernels_for_op("RfcnPsRoiPool").kernel
-        if not any(kernel.device_type == "GPU" for kernel in registered):
-            _gpu_kernel_problem = ("the compiled PSRoIPool library has no GPU kernels (it was "
-                                   "built without nvcc); rebuild it with CUDA to use it on GPUs")
-        else:
-            try:
-                _probe_gpu_kernel()
-                _gpu_kernel_problem = ""
-            except tf.errors.OpError as error:
-                _gpu_kernel_problem = (f"the compiled PSRoIPool GPU kernel does not run here: "
-                                       f"{error.message}")
+    if _gpu_kernel_problem is not None:
+        return _gpu_kernel_problem
+    try:
+        device = _probe_gpu_kernel()
+    except tf.errors.ResourceExhaustedError as error:
+        return f"the compiled PSRoIPool GPU kernel could not run just now: {error.message}"
+    except tf.errors.OpError as error:
+        _gpu_kernel_problem = (f"the compiled PSRoIPool GPU kernel does not run here: "
+                               f"{error.message}")
+        return _gpu_kernel_problem
+    if "GPU" in device.upper():
+        _gpu_kernel_problem = ""
+    else:
+        _gpu_kernel_problem = ("the compiled PSRoIPool library has no GPU kernel (it was "
+                               "built without nvcc; rebuild it with CUDA to use it on GPUs)")
     return _gpu_kernel_problem
 
 
@@ -214,6 +219,9 @@ def psroi_pool(score_maps, rois, *, group_size, spatial_scale, implementation="a
         group_size < 1, spatial_scale <= 0, or an unsupported dtype. Shapes known when
         tracing are checked at once; the rest when the op runs, eagerly or in a
         tf.function.
+      tf.errors.UnimplementedError: the gradient of the compiled op on a GPU while op
+        determinism is enabled (tf.config.experimental.enable_op_determinism): its
+        atomic adds are not deterministic; the CPU kernel is.
       ValueError: unknown implementation.
     """
     if implementation not in IMPLEMENTATIONS:

@@ -14,8 +14,8 @@ so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size.
    (i, j) reads a contiguous D-vector of group g = i*k + j, and the lookups of one RoI
    fall next to each other in the table.
  - On CPU the prefix sums are products with triangular 0/1 matrices: one large matmul
-   along H, then one batched matmul along W (tf.cumsum's CPU kernel is over ten times
-   slower). On a GPU they are tf.cumsum, since float32 matmuls may run in TF32 there
+   along H, then one batched matmul along W (tf.cumsum's CPU kernel is 4-11 times
+   slower: bench/portable_passes.py). On a GPU they are tf.cumsum, since float32 matmuls may run in TF32 there
    (see _summed_area_table).
  - Gradient: the adjoint of the four signed lookups is a scatter-add of the incoming
    gradient into the table; it is done as one sparse-dense matmul, about twice as fast
@@ -81,7 +81,7 @@ def _summed_area_table(maps, method):
 
     method "matmul": products with strictly lower triangular 0/1 matrices, first along
       H (one matmul per image over all W*C columns), then along W (a batch of N*(H+1)
-      products over C columns); on CPU about ten times faster than tf.cumsum.
+      products over C columns); on CPU 4-11 times faster than tf.cumsum.
     method "cumsum": tf.cumsum after a zero row and column in front; for GPUs, where
       float32 matmuls may run in TF32 (10-bit mantissa) and lose precision.
     """
