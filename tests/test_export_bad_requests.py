@@ -89,6 +89,19 @@ def test_one_pixel_and_large_images_work(signatures):
         np.zeros((1, 1, 3), np.uint8))])), 1)
 
 
+def test_a_large_image_detects_like_its_small_original(signatures):
+    # A 16x nearest-neighbour upscale (2048 x 2048): the export's bilinear resize back to
+    # 128 px samples each output pixel between two input pixels of the same 16 x 16 block,
+    # so the model sees exactly the original scene, and the normalised detections match.
+    small = ef.scene()
+    large = np.repeat(np.repeat(small, 16, axis=0), 16, axis=1)
+    expected = run(signatures, "serving_default", tf.constant(small[None]))
+    assert expected["detection_scores"][0, 0] > 0.5  # the trained scene is detected
+    actual = run(signatures, "serving_default", tf.constant(large[None]))
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, atol=1e-4, err_msg=key)
+
+
 def test_a_batch_equals_its_images_one_by_one(signatures):
     images = np.stack([ef.scene(1), ef.scene(2)])
     batch = run(signatures, "serving_default", tf.constant(images))
