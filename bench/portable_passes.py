@@ -27,24 +27,26 @@ wall time per pass.
   python bench/portable_passes.py
 """
 
+import os
 import statistics
-import time
+import sys
 
-import rfcn_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
-import numpy as np
-import tensorflow as tf
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rfcn_tf  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import timing  # noqa: E402
+from rfcn_tf.ops.psroi_pool_portable import _strictly_lower_ones  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("repeats", 40, "Timed calls per pass.")
+flags.DEFINE_integer("repeats", 40, "Timed rounds (one call per pass each).")
 flags.DEFINE_integer("bin_pixels", 82000, "Rows gathered and segment-summed.")
 flags.DEFINE_integer("ops_per_graph", 10, "Independent inputs per timed call.", lower_bound=1)
 
 HEIGHT, WIDTH, GROUP_SIZE, DEPTH, NUM_ROIS = 38, 63, 7, 21, 300
-
-
-def strictly_lower_ones(rows, cols):
-    return tf.cast(tf.range(rows)[:, tf.newaxis] > tf.range(cols)[tf.newaxis, :], tf.float32)
 
 
 def make_pass(rng):
@@ -52,8 +54,8 @@ def make_pass(rng):
     groups = GROUP_SIZE * GROUP_SIZE
     channels = groups * DEPTH
     pixels = HEIGHT * WIDTH
-    lower_h = strictly_lower_ones(HEIGHT + 1, HEIGHT)
-    lower_w = strictly_lower_ones(WIDTH + 1, WIDTH)
+    lower_h = _strictly_lower_ones(HEIGHT + 1, HEIGHT)
+    lower_w = _strictly_lower_ones(WIDTH + 1, WIDTH)
 
     def make_inputs():
         maps = tf.constant(rng.normal(size=(1, HEIGHT, WIDTH, channels)), tf.float32)
@@ -90,25 +92,13 @@ def main(argv):
     del argv
     passes, make_inputs = make_pass(np.random.default_rng(0))
     inputs = [make_inputs() for _ in range(FLAGS.ops_per_graph)]
-    def one_after_the_other(fn):
-        def call(xs):
-            outputs = []
-            for x in xs:
-                with tf.control_dependencies(outputs[-1:]):
-                    outputs.append(fn(x))
-            return outputs
-        return tf.function(call)
-
-    calls = {name: one_after_the_other(fn) for name, fn in passes.items()}
-    for call in calls.values():
-        for _ in range(3):
-            call(inputs)
-    times = {name: [] for name in calls}
-    for _ in range(FLAGS.repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call(inputs)
-            times[name].append((time.perf_counter() - start) / FLAGS.ops_per_graph)
+    calls = {name: timing.chained(fn) for name, fn in passes.items()}
+    # On the CPU a tf.function call returns when its ops are done.
+    times = timing.alternate({name: (lambda call=call: call(inputs))
+                              for name, call in calls.items()},
+                             warmup=3, repeats=FLAGS.repeats, label="portable passes")
+    times = {name: [t / FLAGS.ops_per_graph for t in samples]
+             for name, samples in times.items()}
     print(f"score map [1, {HEIGHT}, {WIDTH}, {GROUP_SIZE * GROUP_SIZE * DEPTH}], median of "
           f"{FLAGS.repeats} calls of {FLAGS.ops_per_graph} independent ops, per op")
     for name, samples in times.items():

@@ -34,14 +34,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
-import rfcn_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
-import numpy as np
-import tensorflow as tf
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rfcn_tf.ops import op_library, psroi_pool
+import rfcn_tf  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import timing  # noqa: E402
+from rfcn_tf.ops import op_library, psroi_pool  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
@@ -130,32 +134,21 @@ def make_pool_fn(name):
 
 
 def make_steps(pool):
-    """Returns tf.functions (forward, forward_backward) over lists of inputs.
+    """Returns tf.functions (forward, forward_backward) over lists of inputs, one op after
+    the other (timing.chained).
 
-    Each pools every (maps[t], rois[t]) pair independently; forward_backward also returns
-    the gradient of each output wrt its maps, for upstream gradient upstream[t].
+    forward pools each (maps, rois) pair; forward_backward, for each (maps, rois,
+    upstream), also returns the gradient of the output wrt maps for that upstream.
     """
 
-    @tf.function
-    def forward(maps, rois):
-        outputs = []
-        for m, r in zip(maps, rois):
-            with tf.control_dependencies(outputs[-1:]):  # one op after the other
-                outputs.append(pool(m, r))
-        return outputs
-
-    @tf.function
     def forward_backward(maps, rois, upstream):
-        results = []
-        for m, r, u in zip(maps, rois, upstream):
-            with tf.control_dependencies(results[-1][1:] if results else []):
-                with tf.GradientTape() as tape:
-                    tape.watch(m)
-                    out = pool(m, r)
-                results.append((out, tape.gradient(out, m, output_gradients=u)))
-        return results
+        with tf.GradientTape() as tape:
+            tape.watch(maps)
+            out = pool(maps, rois)
+        return out, tape.gradient(out, maps, output_gradients=upstream)
 
-    return forward, forward_backward
+    return (timing.chained(lambda inputs: pool(*inputs)),
+            timing.chained(lambda inputs: forward_backward(*inputs)))
 
 
 def sync():
@@ -205,15 +198,17 @@ def run_branch(depth, names, rng):
     upstream = [tf.constant(rng.normal(size=(FLAGS.num_rois, GROUP_SIZE, GROUP_SIZE, depth)),
                             tf.float32) for _ in range(count)]
     steps = {name: make_steps(make_pool_fn(name)) for name in names}
-    fwd = {n: (lambda f=f: f[0](maps, rois)) for n, f in steps.items()}
-    fwd_bwd = {n: (lambda f=f: f[1](maps, rois, upstream)) for n, f in steps.items()}
+    pairs = list(zip(maps, rois))
+    triples = list(zip(maps, rois, upstream))
+    fwd = {n: (lambda f=f: f[0](pairs)) for n, f in steps.items()}
+    fwd_bwd = {n: (lambda f=f: f[1](triples)) for n, f in steps.items()}
     results = {}
     for label, calls in (("forward", fwd), ("forward_backward", fwd_bwd)):
         wall, cpu = time_calls(calls, FLAGS.repeats, FLAGS.warmup, count)
         results[label] = {n: 1e3 * statistics.median(t) for n, t in wall.items()}
         results[label + "_cpu"] = {n: 1e3 * statistics.median(t) for n, t in cpu.items()}
     # Agreement on the first input.
-    outputs = {n: steps[n][1](maps[:1], rois[:1], upstream[:1])[0] for n in names}
+    outputs = {n: steps[n][1](triples[:1])[0] for n in names}
     for n in names:
         if n != names[0]:
             results[f"max_abs_diff_{n}_vs_{names[0]}"] = {

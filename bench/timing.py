@@ -5,6 +5,9 @@ and a description of the machine.
 given order (A B C A B C ...), `warmup` untimed rounds first, so that load changes on a
 shared machine hit all candidates alike. Each function must block until its result is
 computed (e.g. end with `.numpy()`); the wall time of each call is recorded.
+
+`chained(step)` makes a tf.function that runs `step` on N inputs one after the other, for
+timing an op per call of a graph (the dispatch of a tf.function call amortised over N).
 """
 
 from __future__ import annotations
@@ -88,6 +91,26 @@ def alternate(functions: Mapping[str, Callable[[], object]], warmup: int, repeat
                      "timed" if round_index >= warmup else "warm-up",
                      ", ".join(f"{name} {seconds:.3f}s" for name, seconds in this_round.items()))
     return times
+
+
+def chained(step: Callable) -> Callable:
+    """A tf.function mapping a list of inputs to the list of `step(input)` outputs.
+
+    The calls run one after the other: the ops of each wait (control dependencies) for
+    all outputs of the previous one, so independent calls cannot overlap on
+    TensorFlow's inter-op thread pool, as the N ops of an amortised timing must not.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    @tf.function
+    def run(inputs):
+        outputs = []
+        for element in inputs:
+            with tf.control_dependencies(tf.nest.flatten(outputs[-1:])):
+                outputs.append(step(element))
+        return outputs
+
+    return run
 
 
 def summarize(samples: List[float]) -> Dict[str, float]:
