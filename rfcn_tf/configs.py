@@ -200,6 +200,16 @@ class DataConfig:
       long side would exceed `max_side`.
     multiscale_short_sides: when non-empty (training), the short side is drawn
       from this list per image.
+    shuffle_buffer: training order: each epoch permutes the records within
+      consecutive windows of this many (the whole split when larger; TFRecord
+      files are also read in a permuted order); with `cache`, the size of the
+      shuffle buffer over the cached images; <= 1 keeps the stored order.
+    cache: keep the decoded images in memory after the first pass.
+    deterministic: fixed element order and seeds (from `seed`): runs repeat
+      exactly, and a resumed training run continues the same stream.
+    seed: seed of the shuffles and per-element random draws when deterministic.
+    num_parallel_calls: parallelism of the decode and preprocess maps (-1: AUTOTUNE).
+    synthetic_num_images / synthetic_image_size: size of a generated set.
     image_check: how readers vet image files before use: "none" (exists),
       "header" (header parses and the file is not truncated) or "full" (decodes).
     pad_multiple: images are zero-padded at the bottom/right so that height and

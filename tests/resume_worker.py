@@ -2,7 +2,9 @@
 
   python tests/resume_worker.py CONFIG_FILE MODEL_DIR OVERRIDE SNAPSHOT_PREFIX
 
-Runs rfcn_tf.training.loop.run_training (no evaluation) with one extra callback: before
+Runs rfcn_tf.training.loop.run_training (no evaluation), writing the `start_batch` that
+it builds the training dataset with to SNAPSHOT_PREFIX.start_batch, and with one extra
+callback: before
 the first batch of the run, after every restore (the latest checkpoint, then the
 BackupAndRestore backup), it writes tf.train.Checkpoint(model=<the trainer>) to
 SNAPSHOT_PREFIX. The trainer is what the backup saves under "model", so the two
@@ -31,7 +33,21 @@ class SnapshotFirstBatch(tf_keras.callbacks.Callback):
             self.written = True
 
 
+def record_start_batch(path):
+    """Makes loop._build_dataset write the training dataset's start_batch to `path`."""
+    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
+    build = loop._build_dataset
+
+    def recording(data_config, batch_size, input_context=None, start_batch=0):
+        if data_config.is_training:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(str(start_batch))
+        return build(data_config, batch_size, input_context, start_batch)
+    loop._build_dataset = recording
+
+
 def main(config_file, model_dir, override, prefix):
+    record_start_batch(prefix + ".start_batch")
     train_in_this_process(config_file, model_dir, override, SnapshotFirstBatch(prefix))
 
 

@@ -216,6 +216,20 @@ def test_training_on_undecodable_data_ends_instead_of_spinning(dirty_voc):
     assert batches == [] and stats.attempted() == 2 and stats.skipped() == 2
 
 
+def test_resumed_training_on_undecodable_data_ends_too(dirty_voc):
+    """Resumed inside an epoch: the rest of that epoch fails, then a whole epoch fails."""
+    cfg = _eval_config(dirty_voc, split="broken", image_check="none", is_training=True)
+    stats = input_pipeline.PipelineStats()
+    dataset = input_pipeline.build_dataset(cfg, 1, stats=stats, start_batch=5)
+    batches = []
+    worker = threading.Thread(target=lambda: batches.extend(dataset), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the resumed training dataset kept spinning"
+    # Skipped 5 = 2 whole epochs of 2 and 1 image, not decoded; then 1 + 2 attempts.
+    assert batches == [] and stats.attempted() == 3 and stats.skipped() == 3
+
+
 def test_tfrecord_files_are_checked_up_front(tmp_path):
     not_a_record = tmp_path / "a.tfrecord"
     not_a_record.write_bytes(b"plain text, not a TFRecord" * 10)

@@ -12,7 +12,7 @@ from data_test_utils import write_voc
 from PIL import Image
 
 from rfcn_tf.configs import DataConfig
-from rfcn_tf.data import input_pipeline, voc
+from rfcn_tf.data import converters, input_pipeline, voc
 from rfcn_tf.data.records import DataError
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -208,6 +208,91 @@ def test_cache_gives_the_same_elements(marked_voc):
         for a, b in zip(plain, cached):
             np.testing.assert_array_equal(a["images"], b["images"])
             np.testing.assert_array_equal(a["gt_boxes"], b["gt_boxes"])
+
+
+def _training_config(path, **overrides):
+    fields = dict(is_training=True, multiscale_short_sides=[40, 80], max_side=200,
+                  random_flip=True, class_names=["red"], deterministic=True, seed=7,
+                  shuffle_buffer=6, num_parallel_calls=2)
+    fields.update(overrides)
+    return _config(path, **fields)
+
+
+def _assert_same_elements(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def marked_tfrecords(marked_voc, tmp_path_factory):
+    """marked_voc as 3 TFRecord shards; returns their glob pattern."""
+    root, _ = marked_voc
+    output = str(tmp_path_factory.mktemp("marked_tfrecord"))
+    result = converters.convert_voc(root, "trainval", output, num_shards=3, show_progress=False)
+    assert result.num_written == 6
+    return os.path.join(output, "trainval-*")
+
+
+@pytest.mark.parametrize("source", ["voc", "voc_cached", "tfrecord"])
+def test_start_batch_continues_the_stream_exactly(marked_voc, marked_tfrecords, source):
+    """A dataset built with start_batch=s gives the batches s, s+1, ... of a fresh build
+    (shuffled order, flips and scales), also past epoch ends (6 images, 2 per batch)."""
+    root, _ = marked_voc
+    cfg = (_training_config(marked_tfrecords, format="tfrecord") if source == "tfrecord" else
+           _training_config(root, cache=source == "voc_cached"))
+    fresh = _elements(input_pipeline.build_dataset(cfg, 2), limit=24)
+    epochs = [sorted(int(e["source_id"]) for e in fresh[i:i + 6]) for i in range(0, 24, 6)]
+    assert epochs == [list(range(6))] * 4  # every epoch is the whole set ...
+    orders = {tuple(int(e["source_id"]) for e in fresh[i:i + 6]) for i in range(0, 24, 6)}
+    assert len(orders) > 1  # ... in an order of its own
+    for start_batch in (1, 3, 4, 7):
+        resumed = _elements(input_pipeline.build_dataset(cfg, 2, start_batch=start_batch),
+                            limit=24 - 2 * start_batch)
+        _assert_same_elements(fresh[2 * start_batch:], resumed)
+
+
+def test_start_batch_does_not_decode_the_skipped_images(marked_voc, marked_tfrecords):
+    """Resuming 40 epochs in decodes only what it delivers (plus read-ahead)."""
+    root, _ = marked_voc
+    for cfg in (_training_config(root), _training_config(marked_tfrecords, format="tfrecord")):
+        stats = input_pipeline.PipelineStats()
+        dataset = input_pipeline.build_dataset(cfg, 2, stats=stats, start_batch=120)
+        fresh = _elements(input_pipeline.build_dataset(cfg, 2), limit=246)
+        _assert_same_elements(fresh[240:], _elements(dataset, limit=6))
+        assert 6 <= stats.attempted() < 60, stats.attempted()
+
+
+def test_cached_training_data_decodes_each_image_once(marked_voc):
+    root, _ = marked_voc
+    stats = input_pipeline.PipelineStats()
+    dataset = input_pipeline.build_dataset(_training_config(root, cache=True), 2, stats=stats)
+    assert len(_elements(dataset, limit=24)) == 24  # 4 epochs
+    assert stats.attempted() == stats.decoded() == 6
+
+
+def test_start_batch_continues_each_input_pipeline(marked_voc):
+    root, _ = marked_voc
+    cfg = _training_config(root)
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2,
+                                             input_pipeline_id=pipeline_id,
+                                             num_replicas_in_sync=2)
+        fresh = _elements(input_pipeline.build_dataset(cfg, 1, context), limit=8)
+        assert {int(e["source_id"]) for e in fresh} == set(range(pipeline_id, 6, 2))
+        resumed = _elements(input_pipeline.build_dataset(cfg, 1, context, start_batch=5),
+                            limit=3)
+        _assert_same_elements(fresh[5:], resumed)
+
+
+def test_start_batch_is_refused_where_it_means_nothing(marked_voc):
+    root, _ = marked_voc
+    with pytest.raises(DataError, match="start_batch must be 0 for evaluation"):
+        input_pipeline.build_dataset(_config(root, class_names=["red"]), 2, start_batch=3)
+    with pytest.raises(DataError, match="start_batch"):
+        input_pipeline.build_dataset(_training_config(root), 2, start_batch=-1)
 
 
 def test_max_boxes_cuts_extra_boxes(tmp_path):

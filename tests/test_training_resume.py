@@ -1,5 +1,5 @@
-"""Fault tolerance: SIGKILL in the middle of an epoch, restart from the backed-up state,
-same end; re-runs continue."""
+"""Fault tolerance: SIGKILL in the middle of an epoch, restart from the backed-up state
+and data position, same end; re-runs continue."""
 
 import glob
 import os
@@ -43,6 +43,15 @@ def _training_state(prefix):
             and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
 
 
+def _checkpoint_values(prefix):
+    """{key: value} of the detector's and the optimizer's variables in a ckpt-<step>."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    reader = tf.train.load_checkpoint(prefix)
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+            if key.startswith(("model/", "optimizer/"))
+            and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
+
+
 def _epoch_ends(model_dir):
     return [(r["epoch"], r["step"]) for r in read_train_log(model_dir) if r["event"] == "epoch_end"]
 
@@ -51,7 +60,8 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     ensure_synthetic(tmp_path / "data")
     model_dir = str(tmp_path / "run")
     override = tiny_override(tmp_path / "data", steps=STEPS_PER_EPOCH * EPOCHS,
-                             steps_per_epoch=STEPS_PER_EPOCH)
+                             steps_per_epoch=STEPS_PER_EPOCH,
+                             extra="train_data.deterministic=true")
     command = train_command(model_dir, override)
 
     process = subprocess.Popen(command, cwd=REPO, env=python_env(), stdout=subprocess.DEVNULL,
@@ -101,12 +111,29 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     # newer backup landed between our read and the kill), not at the epoch start.
     assert begins[1]["epoch"] == 1
     assert STEPS_PER_EPOCH + killed_at[1] + 1 <= begins[1]["step"] < 2 * STEPS_PER_EPOCH
+    # The training data continue after the batches of the steps already taken (one
+    # replica: one batch per step), see test_data_pipeline for what that stream is.
+    assert "from its backup" in result.stdout and f"(step {begins[1]['step']})" in result.stdout
+    with open(snapshot + ".start_batch", encoding="utf-8") as f:
+        assert int(f.read()) == begins[1]["step"]
     # Each epoch ended exactly once, at the right global step, and training ended
     # at the configured total.
     assert _epoch_ends(model_dir) == [(e, (e + 1) * STEPS_PER_EPOCH) for e in range(EPOCHS)]
     assert log[-1]["event"] == "train_end" and log[-1]["step"] == STEPS_PER_EPOCH * EPOCHS
     assert os.path.isfile(os.path.join(model_dir, f"ckpt-{STEPS_PER_EPOCH * EPOCHS}.index"))
     assert not glob.glob(os.path.join(model_dir, "backup", "chief", "*.index"))
+
+    # Killed and resumed, the run ends with exactly the weights and optimizer state of
+    # an uninterrupted one: same data stream, same sampler draws (seeded by the step).
+    reference_dir = str(tmp_path / "uninterrupted")
+    result = run(train_command(reference_dir, override))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    final = f"ckpt-{STEPS_PER_EPOCH * EPOCHS}"
+    resumed_end = _checkpoint_values(os.path.join(model_dir, final))
+    reference_end = _checkpoint_values(os.path.join(reference_dir, final))
+    assert resumed_end.keys() == reference_end.keys() and len(resumed_end) > 100
+    for key, value in reference_end.items():
+        np.testing.assert_array_equal(resumed_end[key], value, err_msg=key)
 
     # Re-running a finished run does not train again ...
     result = run(command)

@@ -26,9 +26,10 @@ InputContext, and the data is sharded by input pipeline):
 Training (`is_training`): boxes of crowd objects are dropped, and difficult ones
 unless `use_difficult`; random horizontal flip (`random_flip`); the short side
 is drawn per image from `multiscale_short_sides` when set; records are shuffled
-(reshuffled every epoch) and repeated forever; the last partial batch is
-dropped (static B). A training set none of whose images decodes gives an
-empty dataset, not an endless loop.
+(a new order every epoch, drawn from the epoch number) and repeated forever; the
+last partial batch is dropped (static B). A training set none of whose images
+decodes gives an empty dataset, not an endless loop. `start_batch` continues the
+stream after its first batches without decoding them (resumed training).
 Evaluation: every box is kept with its flags, one pass, no augmentation, the
 last batch may be smaller.
 
@@ -44,7 +45,8 @@ counted when a PipelineStats is passed in.
 Randomness is stateless: each element gets its own seed from a
 tf.data.Dataset.random stream, seeded with `seed` (+ the input pipeline id)
 when `deterministic` is true; with `deterministic` the element order is fixed
-as well, so two runs give identical batches.
+as well, so two runs give identical batches, and a run resumed at batch s
+(`start_batch=s`) gets the batches a fresh run gets from batch s on.
 
 `cache: true` keeps the DECODED images (uint8, original size) in memory after
 the first pass: roughly H*W*3 bytes per image (0.9 MB for 640x480).
@@ -99,8 +101,9 @@ class PipelineStats:
             return tf.nest.map_structure(tf.identity, element)
 
 
-def _records_dataset(records) -> tf.data.Dataset:
-    """One element per record: image_path + annotations (boxes normalized)."""
+def _records_table(records) -> dict:
+    """The records as tensors, one row per record: image_path + annotations (boxes
+    normalized); the per-record lists are ragged."""
     lengths = [r.num_boxes for r in records]
 
     def ragged(values, inner_shape, dtype):
@@ -108,7 +111,7 @@ def _records_dataset(records) -> tf.data.Dataset:
                                for v in values]) if values else np.zeros((0,) + inner_shape)
         return tf.RaggedTensor.from_row_lengths(flat.astype(dtype), lengths)
 
-    return tf.data.Dataset.from_tensor_slices({
+    return {
         "image_path": tf.constant([r.image_path for r in records], tf.string),
         "source_id": tf.constant([r.source_id for r in records], tf.int64),
         "filename": tf.constant([r.filename for r in records], tf.string),
@@ -116,21 +119,33 @@ def _records_dataset(records) -> tf.data.Dataset:
         "classes": ragged([r.classes for r in records], (), np.int32),
         "difficult": ragged([r.difficult for r in records], (), bool),
         "is_crowd": ragged([r.is_crowd for r in records], (), bool),
-    })
+    }
 
 
-def _tfrecord_dataset(files, cfg: DataConfig, num_pipelines: int, pipeline_id: int):
-    """Serialized records; sharded by file when there are enough files, else by record."""
+def _table_row(table: dict, index: tf.Tensor) -> dict:
+    """Record `index` of a _records_table (the ragged lists as dense tensors)."""
+    return {key: values[index] for key, values in table.items()}
+
+
+def _records_dataset(records) -> tf.data.Dataset:
+    """One element per record, in order: _table_row of each."""
+    return tf.data.Dataset.from_tensor_slices(_records_table(records))
+
+
+def _tfrecord_files(files, num_pipelines: int, pipeline_id: int):
+    """(file dataset, shard by file?): this pipeline's files when there are enough of them."""
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
     by_file = num_pipelines > 1 and len(files) >= num_pipelines
-    if by_file:
-        ds = ds.shard(num_pipelines, pipeline_id)
-    if cfg.is_training:
-        ds = ds.shuffle(len(files), seed=cfg.seed if cfg.deterministic else None,
-                        reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
-                       cycle_length=min(len(files), _CYCLE_LENGTH),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+    return (ds.shard(num_pipelines, pipeline_id) if by_file else ds), by_file
+
+
+def _tfrecord_records(file_ds, by_file: bool, cfg: DataConfig, num_files: int,
+                      num_pipelines: int, pipeline_id: int):
+    """Serialized records of `file_ds` (already in reading order), sharded by record
+    when the files were not sharded."""
+    ds = file_ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
+                            cycle_length=min(num_files, _CYCLE_LENGTH),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     if num_pipelines > 1 and not by_file:
         ds = ds.shard(num_pipelines, pipeline_id)
     return ds
@@ -150,6 +165,14 @@ def _decode_step(from_tfrecord: bool, stats: Optional[PipelineStats]):
         element["image"] = preprocess.decode_image(encoded)
         return element
     return decode
+
+
+def _decoded(ds: tf.data.Dataset, cfg: DataConfig, from_tfrecord: bool,
+             stats: Optional[PipelineStats]) -> tf.data.Dataset:
+    """`ds` through the decode step; elements that fail are skipped, logged and counted."""
+    ds = ds.map(_decode_step(from_tfrecord, stats), num_parallel_calls=cfg.num_parallel_calls,
+                deterministic=cfg.deterministic).ignore_errors(log_warning=True)
+    return ds.map(stats.count_decoded) if stats is not None else ds
 
 
 def _preprocess_step(cfg: DataConfig, num_classes: int):
@@ -196,10 +219,146 @@ def _preprocess_step(cfg: DataConfig, num_classes: int):
     return run
 
 
+def _blank_like(spec):
+    """A placeholder element of `spec`: zeros (empty strings), unknown dimensions 0."""
+    def blank(tensor_spec):
+        shape = [d if d is not None else 0 for d in (tensor_spec.shape.as_list() or [])]
+        if tensor_spec.dtype == tf.string:
+            return tf.fill(shape, "")
+        return tf.zeros(shape, tensor_spec.dtype)
+    return tf.nest.map_structure(blank, spec)
+
+
+def _epochs_until_one_is_empty(first_epoch: int, make_epoch, first_is_whole: bool):
+    """make_epoch(first_epoch), make_epoch(first_epoch + 1), ... one after the other, ending
+    at the first WHOLE epoch that yields no element (so data none of which decodes ends
+    the stream instead of spinning over it forever). make_epoch(e) is a finite dataset of
+    epoch e (int64 scalar tensor); the first one is whole iff `first_is_whole`.
+
+    Each epoch is followed by a blank marker element; two markers in a row (or a marker
+    first, for a whole first epoch) mean an epoch was empty.
+    """
+    def with_marker(epoch):
+        elements = make_epoch(epoch)
+        marker = tf.data.Dataset.from_tensors((_blank_like(elements.element_spec), True))
+        return elements.map(lambda element: (element, False)).concatenate(marker)
+
+    def track(previous_was_marker, item):
+        element, is_marker = item
+        return is_marker, (element, is_marker, is_marker & previous_was_marker)
+
+    stream = tf.data.Dataset.counter(first_epoch).flat_map(with_marker)
+    stream = stream.scan(tf.constant(first_is_whole), track)
+    stream = stream.take_while(lambda element, is_marker, empty_epoch: ~empty_epoch)
+    stream = stream.filter(lambda element, is_marker, empty_epoch: ~is_marker)
+    return stream.map(lambda element, is_marker, empty_epoch: element)
+
+
+def _count(dataset: tf.data.Dataset) -> int:
+    """Number of elements of a finite dataset (from its cardinality when known)."""
+    known = int(dataset.cardinality())
+    if known >= 0:
+        return known
+    return int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def _shuffle_seed(cfg: DataConfig, pipeline_id: int) -> int:
+    """The base of the shuffle seeds: fixed by cfg.seed when deterministic."""
+    if cfg.deterministic:
+        return (cfg.seed * 1_000_003 + pipeline_id) % (1 << 31)
+    return int(np.random.default_rng().integers(1 << 31))
+
+
+def _permuted(values: tf.Tensor, seed_base: int, key: tf.Tensor) -> tf.Tensor:
+    """`values` [n, ...] in the order of a stateless draw from (seed_base, key)."""
+    seed = tf.stack([tf.constant(seed_base, tf.int64), tf.cast(key, tf.int64)])
+    return tf.random.experimental.stateless_shuffle(values, seed)
+
+
+def _shuffled_in_windows(ds: tf.data.Dataset, window: int, seed_base: int,
+                         epoch: tf.Tensor) -> tf.Tensor:
+    """Scalar elements of `ds` permuted within consecutive windows of `window` elements,
+    each by its own draw from (seed_base, epoch, window index); unchanged for window <= 1.
+    """
+    if window <= 1:
+        return ds
+
+    def permute(index, block):
+        return tf.data.Dataset.from_tensor_slices(
+            _permuted(block, seed_base, epoch * 1_000_003 + index))
+    return ds.batch(window).enumerate().flat_map(permute)
+
+
+def _training_elements(source, cfg: DataConfig, num_pipelines: int, pipeline_id: int,
+                       stats: Optional[PipelineStats], skip: int) -> tf.data.Dataset:
+    """Decoded training elements of this pipeline, epoch after epoch, from element `skip`.
+
+    The order of epoch e is drawn statelessly from (shuffle seed, e): TFRecord files in a
+    permuted order, then the records (of a record list: their indices) permuted within
+    windows of `shuffle_buffer`. So any epoch can be rebuilt without replaying the ones
+    before it: without `cache`, the `skip` first elements are dropped before decoding
+    (whole epochs are not built at all; TFRecords of the first epoch are read, not
+    parsed). With `cache`, decoded images are what is cached and shuffled (a
+    `shuffle_buffer` buffer, reshuffled each epoch), so the skip runs over the decoded
+    stream: the first epoch decodes every image anyway, to fill the cache.
+    """
+    seed_base = _shuffle_seed(cfg, pipeline_id)
+    from_tfrecord = source.tfrecord_files is not None
+
+    def decoded(ds):
+        return _decoded(ds, cfg, from_tfrecord, stats)
+
+    if from_tfrecord:
+        files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
+        num_files = len(source.tfrecord_files)
+        file_names = tf.constant(list(files.as_numpy_iterator()), tf.string)
+        in_order = _tfrecord_records(files, by_file, cfg, num_files, num_pipelines, pipeline_id)
+
+        def undecoded_epoch(epoch):
+            epoch_files = tf.data.Dataset.from_tensor_slices(
+                _permuted(file_names, seed_base, -1 - epoch))
+            records = _tfrecord_records(epoch_files, by_file, cfg, num_files, num_pipelines,
+                                        pipeline_id)
+            return _shuffled_in_windows(records, cfg.shuffle_buffer, seed_base, epoch)
+    else:
+        table = _records_table(source.records)
+        indices = tf.range(pipeline_id, len(source.records), num_pipelines, dtype=tf.int64)
+        in_order = tf.data.Dataset.from_tensor_slices(indices).map(
+            lambda index: _table_row(table, index))
+
+        def undecoded_epoch(epoch):
+            order = _shuffled_in_windows(tf.data.Dataset.from_tensor_slices(indices),
+                                         cfg.shuffle_buffer, seed_base, epoch)
+            return order.map(lambda index: _table_row(table, index))
+
+    if cfg.cache:
+        stream = decoded(in_order).cache()
+        if cfg.shuffle_buffer > 1:
+            stream = stream.shuffle(cfg.shuffle_buffer, seed=seed_base,
+                                    reshuffle_each_iteration=True)
+        # repeat() ends after an epoch without elements: nothing decoded.
+        return stream.repeat().skip(skip)
+    per_epoch = _count(in_order) if skip else 0
+    first_epoch, offset = divmod(skip, per_epoch) if per_epoch else (0, 0)
+
+    def epoch_from_offset(epoch):
+        first = tf.cast(epoch == first_epoch, tf.int64)
+        return decoded(undecoded_epoch(epoch).skip(first * offset))
+    return _epochs_until_one_is_empty(first_epoch, epoch_from_offset,
+                                      first_is_whole=offset == 0)
+
+
 def build_dataset(data_config: DataConfig, batch_size: int,
                   input_context: Optional[tf.distribute.InputContext] = None,
-                  stats: Optional[PipelineStats] = None) -> tf.data.Dataset:
+                  stats: Optional[PipelineStats] = None,
+                  start_batch: int = 0) -> tf.data.Dataset:
     """The batched dataset described in this module's docstring.
+
+    start_batch (training only): continue the stream of this input pipeline after its
+    first `start_batch` batches, as a resumed run does. With `deterministic` the result
+    is exactly the stream of a fresh build from batch `start_batch` on, provided no
+    element failed to decode before that point (each failure shifts the stream by one
+    element; failures are counted and logged).
 
     Raises DataError (a ValueError) for a config or dataset that cannot work,
     naming the field or path.
@@ -207,36 +366,31 @@ def build_dataset(data_config: DataConfig, batch_size: int,
     cfg = data_config
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if start_batch < 0 or (start_batch and not cfg.is_training):
+        raise DataError(f"start_batch must be 0 for evaluation data and >= 0 for training, "
+                        f"got {start_batch}")
     source = sources.open_source(cfg)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     parallel = cfg.num_parallel_calls
     deterministic = cfg.deterministic
+    skip = start_batch * batch_size
 
-    from_tfrecord = source.tfrecord_files is not None
-    if from_tfrecord:
-        ds = _tfrecord_dataset(source.tfrecord_files, cfg, num_pipelines, pipeline_id)
-    else:
-        ds = _records_dataset(source.records).shard(num_pipelines, pipeline_id)
-
-    def decoded(d):
-        d = d.map(_decode_step(from_tfrecord, stats), num_parallel_calls=parallel,
-                  deterministic=deterministic).ignore_errors(log_warning=True)
-        return d.map(stats.count_decoded) if stats is not None else d
-
-    if cfg.cache:
-        ds = decoded(ds).cache()
-    if cfg.is_training and cfg.shuffle_buffer > 1:
-        ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed if deterministic else None,
-                        reshuffle_each_iteration=True)
-    if not cfg.cache:
-        ds = decoded(ds)
     if cfg.is_training:
-        # After the skip-safe decode: if a whole first pass yields nothing, repeat() ends
-        # instead of spinning forever over undecodable data.
-        ds = ds.repeat()
+        ds = _training_elements(source, cfg, num_pipelines, pipeline_id, stats, skip)
+    else:
+        from_tfrecord = source.tfrecord_files is not None
+        if from_tfrecord:
+            files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
+            ds = _tfrecord_records(files, by_file, cfg, len(source.tfrecord_files),
+                                   num_pipelines, pipeline_id)
+        else:
+            ds = _records_dataset(source.records).shard(num_pipelines, pipeline_id)
+        ds = _decoded(ds, cfg, from_tfrecord, stats)
+        if cfg.cache:
+            ds = ds.cache()
     seeds = tf.data.Dataset.random(
-        seed=(cfg.seed * 1_000_003 + pipeline_id) if deterministic else None)
+        seed=(cfg.seed * 1_000_003 + pipeline_id) if deterministic else None).skip(skip)
     ds = tf.data.Dataset.zip((ds, seeds))
     ds = ds.map(_preprocess_step(cfg, source.label_map.num_classes),
                 num_parallel_calls=parallel, deterministic=deterministic)

@@ -10,6 +10,11 @@ Inputs (a dict, the data pipeline's batch):
     resized image, padded rows arbitrary (training only).
   gt_classes: int32 [B, M], 1..C, -1 (or 0) for padding (training only).
     Ground truth with class <= 0 or zero height/width is ignored.
+  sampling_seed: optional int32/int64 [2] (training only): the stateless seed
+    of the anchor and RoI samplers, so that a step's random draws depend on
+    it alone (DetectionTrainer derives it from the optimizer step, which
+    makes a resumed run draw what an uninterrupted one draws); without it
+    they use stateful random ops.
 
 `model(inputs, training=False)` (inference) returns
   detection_boxes [B, D, 4] normalised (ymin, xmin, ymax, xmax) relative to
@@ -151,7 +156,7 @@ class RfcnModel(tf_keras.Model):
 
     # ---------------------------------------------------------- training ----
 
-    def _second_stage_losses(self, conv5, targets) -> Dict[str, tf.Tensor]:
+    def _second_stage_losses(self, conv5, targets, seed) -> Dict[str, tf.Tensor]:
         cfg = self._model_config
         delta = cfg.loss.rfcn_huber_delta
         if cfg.roi_sampler.ohem:
@@ -163,7 +168,7 @@ class RfcnModel(tf_keras.Model):
                 batch_size=cfg.roi_sampler.ohem_batch_size, nms_iou=cfg.roi_sampler.ohem_nms_iou)
         else:
             targets = roi_targets.sample_rois(targets, cfg.roi_sampler.rois_per_image,
-                                              cfg.roi_sampler.foreground_fraction)
+                                              cfg.roi_sampler.foreground_fraction, seed=seed)
             class_logits, box_deltas = self.head(conv5, targets["rois"])
             weights = targets["weights"]
         return losses_lib.rfcn_losses(class_logits, box_deltas, targets["labels"],
@@ -179,12 +184,17 @@ class RfcnModel(tf_keras.Model):
         gt_classes = tf.cast(inputs["gt_classes"], tf.int32)
         gt_valid = ground_truth_valid(gt_boxes, gt_classes)
         out = self._rpn_forward(inputs["images"], inputs["image_info"], training=training)
+        anchor_seed, roi_seed = None, None
+        if inputs.get("sampling_seed") is not None:
+            seed = inputs["sampling_seed"]
+            anchor_seed = tf.random.experimental.stateless_fold_in(seed, 0)
+            roi_seed = tf.random.experimental.stateless_fold_in(seed, 1)
 
         anchor_targets = rpn_targets.label_anchors(
             out["anchors"], gt_boxes, gt_valid, foreground_iou=cfg.rpn.foreground_iou,
             background_iou=cfg.rpn.background_iou,
             batch_size_per_image=cfg.rpn.batch_size_per_image,
-            positive_fraction=cfg.rpn.positive_fraction)
+            positive_fraction=cfg.rpn.positive_fraction, seed=anchor_seed)
         result = losses_lib.rpn_losses(
             out["rpn_scores"], out["rpn_deltas"], anchor_targets["score_targets"],
             anchor_targets["box_targets"], batch_size_per_image=cfg.rpn.batch_size_per_image,
@@ -197,7 +207,7 @@ class RfcnModel(tf_keras.Model):
             background_iou_high=cfg.roi_sampler.background_iou_high,
             background_iou_low=cfg.roi_sampler.background_iou_low,
             box_stds=cfg.roi_sampler.box_stds)
-        result.update(self._second_stage_losses(out["conv5"], targets))
+        result.update(self._second_stage_losses(out["conv5"], targets, roi_seed))
 
         weights = cfg.loss
         result["model_loss"] = (weights.rpn_class_weight * result["rpn_score_loss"]

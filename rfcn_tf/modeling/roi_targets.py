@@ -14,7 +14,7 @@ skip padded proposals; its sampling branch loops over a static batch size.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
 
@@ -75,16 +75,18 @@ def label_rois(rois: tf.Tensor, roi_valid: tf.Tensor, gt_boxes: tf.Tensor,
 
 
 def sample_rois(targets: Dict[str, tf.Tensor], num_samples: int,
-                foreground_fraction: float) -> Dict[str, tf.Tensor]:
+                foreground_fraction: float, seed: Optional[tf.Tensor] = None
+                ) -> Dict[str, tf.Tensor]:
     """The standard Fast R-CNN minibatch: `num_samples` RoIs per image.
 
     Up to foreground_fraction of them foreground, the rest background, drawn at
-    random (see sampling.sample_balanced). Returns the `label_rois` dict
+    random (see sampling.sample_balanced; `seed` is its stateless seed [2] or None).
+    Returns the `label_rois` dict
     gathered to [B, num_samples, ...] plus weights float32 [B, num_samples]:
     1 for a sampled RoI, 0 for a slot left empty when there were too few.
     """
     chosen = sampling.sample_balanced(targets["foreground"], targets["background"],
-                                      num_samples, foreground_fraction)
+                                      num_samples, foreground_fraction, seed=seed)
     indices, valid = sampling.indices_of_true(chosen, num_samples)
     out = {key: tf.gather(value, indices, batch_dims=1) for key, value in targets.items()}
     out["foreground"] = out["foreground"] & valid

@@ -16,7 +16,7 @@ batch, ignores padded ground truth, and works with dynamic image sizes.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import tensorflow as tf
 
@@ -38,7 +38,8 @@ def mask_invalid_boxes(gt_boxes: tf.Tensor, gt_valid: tf.Tensor) -> tf.Tensor:
 def label_anchors(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, *,
                   foreground_iou: float = 0.7, background_iou: float = 0.3,
                   batch_size_per_image: int = 256,
-                  positive_fraction: float = 0.5) -> Dict[str, tf.Tensor]:
+                  positive_fraction: float = 0.5,
+                  seed: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
     """Labels and samples the anchors of every image.
 
     Args:
@@ -46,6 +47,7 @@ def label_anchors(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, 
       gt_boxes: float32 [B, M, 4] in the same frame; rows with gt_valid False
         are ignored.
       gt_valid: bool [B, M].
+      seed: the sampler's stateless seed [2] (see sampling.sample_balanced).
 
     Returns a dict:
       score_targets: int32 [B, N]: 1 sampled positive, 0 sampled negative,
@@ -68,7 +70,7 @@ def label_anchors(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, 
     negative = tf.equal(indicators, -1) & ~positive
 
     sampled = sampling.sample_balanced(positive, negative, batch_size_per_image,
-                                       positive_fraction)
+                                       positive_fraction, seed=seed)
     score_targets = tf.where(sampled & positive, 1, tf.where(sampled & negative, 0, IGNORE))
 
     matched_boxes = tf.gather(gt_boxes, matched_gt, batch_dims=1)

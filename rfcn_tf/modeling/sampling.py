@@ -35,13 +35,16 @@ def sample_balanced(positive: tf.Tensor, negative: tf.Tensor, num_samples: int,
       negative: bool [B, N], the negative candidates (disjoint from positive).
       num_samples: samples per image.
       positive_fraction: in [0, 1].
-      seed: optional op seed for tf.random.uniform.
+      seed: optional stateless seed, int32/int64 [2]: the draw is then a function of
+        (seed, inputs) alone (tf.random.stateless_uniform), so a training step
+        can repeat it; None draws from the stateful tf.random.uniform.
 
     Returns:
       bool [B, N]: True for the sampled candidates.
     """
     max_positives = int(num_samples * positive_fraction)
-    keys = tf.random.uniform(tf.shape(positive), seed=seed)
+    keys = (tf.random.uniform(tf.shape(positive)) if seed is None
+            else tf.random.stateless_uniform(tf.shape(positive), seed))
     none = -tf.ones_like(keys)
 
     pos_keys = tf.where(positive, keys, none)

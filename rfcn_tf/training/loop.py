@@ -6,7 +6,9 @@
   - continues from model_dir: the latest model_dir/ckpt-<step> (weights,
     optimizer slots and step) sets the starting epoch, and an unfinished run's
     model_dir/backup (BackupAndRestore) resumes mid-epoch; a finished run is
-    not trained again;
+    not trained again; the training data continue after the batches of the
+    steps already taken (exactly the same stream with
+    train_data.deterministic, see rfcn_tf.data.input_pipeline);
   - runs `Model.fit` for train.steps updates in epochs of
     train.steps_per_epoch, with the callbacks of `rfcn_tf.training.callbacks`
     and TensorBoard under model_dir/logs;
@@ -72,9 +74,11 @@ def _build_model(model_config: configs.ModelConfig, load_pretrained: bool = True
     return build_model(model_config, load_pretrained=load_pretrained)
 
 
-def _build_dataset(data_config: configs.DataConfig, batch_size: int, input_context=None):
+def _build_dataset(data_config: configs.DataConfig, batch_size: int, input_context=None,
+                   start_batch: int = 0):
     from rfcn_tf.data.input_pipeline import build_dataset  # pylint: disable=import-outside-toplevel
-    return build_dataset(data_config, batch_size, input_context=input_context)
+    return build_dataset(data_config, batch_size, input_context=input_context,
+                         start_batch=start_batch)
 
 
 def class_names_of(data_config: configs.DataConfig, num_classes: int, key: str) -> List[str]:
@@ -188,7 +192,8 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     total_epochs = train.steps // train.steps_per_epoch
     with strategy.scope():
         detector = _build_model(config.model)
-        trainer = DetectionTrainer(detector, LOSS_TERMS, train.optimizer.weight_decay)
+        trainer = DetectionTrainer(detector, LOSS_TERMS, train.optimizer.weight_decay,
+                                   sampling_seed=train.seed)
         optimizer = optimizer_lib.build_optimizer(train.optimizer, train.steps,
                                                   train.mixed_precision)
         trainer(dummy_inputs(), training=False)  # builds the wrapper (BackupAndRestore needs it)
@@ -196,12 +201,22 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         optimizer.build(detector.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=detector, optimizer=optimizer)
     restored = restore_latest(checkpoint, model_dir)
+    unfinished = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
+    if unfinished:
+        # BackupAndRestore restores the backup again when fit starts; reading it now
+        # gives the step that the input pipeline continues from.
+        tf.train.Checkpoint(model=trainer).read(unfinished).expect_partial()
     start_step = int(optimizer.iterations.numpy())
     trainer._train_counter.assign(start_step)  # TensorBoard's batch step continues too.
     initial_epoch = start_step // train.steps_per_epoch
 
-    train_input = tf_keras.utils.experimental.DatasetCreator(
-        lambda context: _build_dataset(config.train_data, train.batch_size, context))
+    def train_dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        # Each input pipeline gives one batch per step to each of its replicas.
+        local_replicas = max(1, context.num_replicas_in_sync // context.num_input_pipelines)
+        return _build_dataset(config.train_data, train.batch_size, context,
+                              start_batch=start_step * local_replicas)
+
+    train_input = tf_keras.utils.experimental.DatasetCreator(train_dataset)
 
     latest_cb = callbacks_lib.LatestCheckpoint(checkpoint, model_dir,
                                                train.max_checkpoints_to_keep, strategy)
@@ -229,14 +244,13 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         save_freq=min(train.checkpoint_every_steps, train.steps_per_epoch)))
 
     final_logs = None
-    unfinished = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
     if initial_epoch >= total_epochs and not unfinished:
         print(f"model_dir {model_dir} is already trained to step {start_step} "
               f"(train.steps={train.steps}); nothing to train.", flush=True)
     else:
         if unfinished:
             print(f"Resuming the unfinished run in {model_dir} from its backup "
-                  f"{unfinished}.", flush=True)
+                  f"{unfinished} (step {start_step}).", flush=True)
         elif restored:
             print(f"Continuing from {restored} (step {start_step}, epoch {initial_epoch + 1} "
                   f"of {total_epochs}).", flush=True)
@@ -302,7 +316,8 @@ def evaluate_checkpoint(config: configs.ExperimentConfig, checkpoint_path: str,
                         show_progress: bool = True) -> eval_loop.EvalOutput:
     """Scores the detector of `checkpoint_path` on config.eval_data."""
     detector = restore_detector(config.model, checkpoint_path)
-    trainer = DetectionTrainer(detector, LOSS_TERMS, config.train.optimizer.weight_decay)
+    trainer = DetectionTrainer(detector, LOSS_TERMS, config.train.optimizer.weight_decay,
+                               sampling_seed=config.train.seed)
     detect = tf.function(lambda batch: trainer.evaluation_outputs(batch, report_losses))
     metrics = eval_loop.build_metrics(config.eval.metrics,
                                       class_names_of(config.eval_data, config.model.num_classes,

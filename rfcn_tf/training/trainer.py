@@ -19,6 +19,12 @@ detector in inference mode (frozen batch norm, no dropout).
 Distribution: each replica's loss is divided by the number of replicas and
 the optimizer sums gradients over replicas, so the update is the gradient of
 the mean loss over the global batch.
+
+Sampling: the detector's anchor and RoI samplers get the stateless seed
+(sampling_seed, step * replicas + replica id) in training, where step is the
+optimizer's iteration count (saved in every checkpoint), so a run resumed at
+step s draws what an uninterrupted run draws at step s; validation losses use
+(sampling_seed, -1 - replica id), the same draw every time.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class DetectionTrainer(tf_keras.Model):
     """Trains `detector` with the loss terms it computes plus L2 weight decay."""
 
     def __init__(self, detector: tf_keras.Model, loss_names: Sequence[str],
-                 weight_decay: float, **kwargs):
+                 weight_decay: float, sampling_seed: int = 0, **kwargs):
         """Args:
           detector: the R-FCN model (`rfcn_tf.modeling`):
             `detector.compute_losses(batch, training)` returns a dict holding
@@ -46,11 +52,14 @@ class DetectionTrainer(tf_keras.Model):
           loss_names: the detector's individual loss terms, in display order.
           weight_decay: L2 coefficient on the kernels
             (`optimizer.weight_decay_variables`).
+          sampling_seed: first half of the samplers' stateless seeds (see the
+            module docstring).
         """
         super().__init__(**kwargs)
         self.detector = detector
         self.loss_names = list(loss_names)
         self.weight_decay = float(weight_decay)
+        self.sampling_seed = int(sampling_seed)
         names = self.loss_names + ["model_loss", "l2_loss", "loss"]
         self._trackers = {name: tf_keras.metrics.Mean(name=name) for name in names}
 
@@ -64,10 +73,23 @@ class DetectionTrainer(tf_keras.Model):
     def decayed_variables(self) -> List[tf.Variable]:
         return optimizer_lib.weight_decay_variables(self.detector)
 
+    def _sampling_seed(self, training: bool) -> tf.Tensor:
+        """int64 [2]: this replica's sampler seed for this step (see the module docstring)."""
+        context = tf.distribute.get_replica_context()
+        replica = tf.cast(context.replica_id_in_sync_group if context else 0, tf.int64)
+        if training:
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            stream = tf.cast(self.optimizer.iterations, tf.int64) * replicas + replica
+        else:
+            stream = -1 - replica
+        return tf.stack([tf.constant(self.sampling_seed, tf.int64), stream])
+
     def compute_all_losses(self, batch: Dict[str, tf.Tensor], training: bool
                            ) -> Dict[str, tf.Tensor]:
         """The detector's loss terms plus model_loss, l2_loss and loss (float32 scalars)."""
-        terms = self.detector.compute_losses({k: batch[k] for k in TRAIN_KEYS}, training=training)
+        inputs = {k: batch[k] for k in TRAIN_KEYS}
+        inputs["sampling_seed"] = self._sampling_seed(training)
+        terms = self.detector.compute_losses(inputs, training=training)
         missing = [name for name in self.loss_names + ["model_loss"] if name not in terms]
         if missing:
             raise ValueError(f"the detector's compute_losses did not return {missing} "
