@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -28,29 +29,50 @@ def _free_ports(n):
     return ports
 
 
-def test_two_workers_end_with_identical_weights(tmp_path):
-    ensure_synthetic(tmp_path / "data")
+def _train_two_workers(model_dir, override, work_dir, timeout=240):
+    """Runs the two worker processes on two free local ports; returns (exit codes, outputs).
+
+    A worker that fails ends the other (which would otherwise wait for its peer)."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    override = tiny_override(tmp_path / "data", steps=STEPS, steps_per_epoch=2, batch_size=1,
-                             extra="train.distribution=multi_worker")
-    model_dir = str(tmp_path / "run")
-    processes = []
+    processes, logs = [], []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         command = [sys.executable, os.path.join(REPO, "tests", "multiworker_worker.py"),
-                   DEFAULT_CONFIG, model_dir, override, str(tmp_path / f"weights{index}.npz")]
+                   DEFAULT_CONFIG, model_dir, override, str(work_dir / f"weights{index}.npz")]
+        logs.append(open(work_dir / f"worker{index}.log", "w+", encoding="utf-8"))  # pylint: disable=consider-using-with
         processes.append(subprocess.Popen(
             command, cwd=REPO, env=python_env(TF_CONFIG=json.dumps(tf_config)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
+            stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + timeout
     try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=240)[0])
+        while any(p.poll() is None for p in processes) and time.time() < deadline:
+            if any(p.poll() not in (None, 0) for p in processes):
+                break
+            time.sleep(0.2)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    codes = [process.returncode for process in processes]
+            process.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    return [process.returncode for process in processes], outputs
+
+
+def test_two_workers_end_with_identical_weights(tmp_path):
+    ensure_synthetic(tmp_path / "data")
+    override = tiny_override(tmp_path / "data", steps=STEPS, steps_per_epoch=2, batch_size=1,
+                             extra="train.distribution=multi_worker")
+    # The ports are free when picked but could be taken by another process before the
+    # workers bind them: such an attempt is run again on new ports, in a new model_dir.
+    for attempt in range(3):
+        model_dir = str(tmp_path / f"run{attempt}")
+        codes, outputs = _train_two_workers(model_dir, override, tmp_path)
+        if codes == [0, 0] or not any("Address already in use" in out for out in outputs):
+            break
     assert codes == [0, 0], "\n".join(f"worker {index} (exit {code}):\n{output[-2500:]}"
                                       for index, (code, output) in enumerate(zip(codes, outputs)))
 
