@@ -32,10 +32,8 @@ pooling is one op of a large graph.
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -152,42 +150,9 @@ def make_steps(pool):
 
 
 def sync():
+    """Waits for the GPU work queued so far (nothing to wait for on a CPU)."""
     if tf.config.list_logical_devices("GPU"):
         tf.test.experimental.sync_devices()
-
-
-def time_calls(calls, repeats, warmup, ops_per_call):
-    """calls: {name: zero-argument callable}, each running `ops_per_call` ops.
-
-    Returns ({name: [wall seconds per op]}, {name: [process CPU seconds per op]}).
-    CPU time (all threads of this process) is less disturbed by other processes on a
-    shared machine than wall time.
-    """
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-        sync()
-    wall = {name: [] for name in calls}
-    cpu = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            call()
-            sync()
-            wall[name].append((time.perf_counter() - start) / ops_per_call)
-            cpu[name].append((time.process_time() - start_cpu) / ops_per_call)
-    return wall, cpu
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_branch(depth, names, rng):
@@ -200,13 +165,15 @@ def run_branch(depth, names, rng):
     steps = {name: make_steps(make_pool_fn(name)) for name in names}
     pairs = list(zip(maps, rois))
     triples = list(zip(maps, rois, upstream))
-    fwd = {n: (lambda f=f: f[0](pairs)) for n, f in steps.items()}
-    fwd_bwd = {n: (lambda f=f: f[1](triples)) for n, f in steps.items()}
+    fwd = {n: (lambda f=f: (f[0](pairs), sync())) for n, f in steps.items()}
+    fwd_bwd = {n: (lambda f=f: (f[1](triples), sync())) for n, f in steps.items()}
     results = {}
     for label, calls in (("forward", fwd), ("forward_backward", fwd_bwd)):
-        wall, cpu = time_calls(calls, FLAGS.repeats, FLAGS.warmup, count)
-        results[label] = {n: 1e3 * statistics.median(t) for n, t in wall.items()}
-        results[label + "_cpu"] = {n: 1e3 * statistics.median(t) for n, t in cpu.items()}
+        cpu = {}
+        wall = timing.alternate(calls, FLAGS.warmup, FLAGS.repeats, label=label, cpu_times=cpu)
+        results[label] = {n: 1e3 * statistics.median(t) / count for n, t in wall.items()}
+        results[label + "_cpu"] = {n: 1e3 * statistics.median(t) / count
+                                   for n, t in cpu.items()}
     # Agreement on the first input.
     outputs = {n: steps[n][1](triples[:1])[0] for n in names}
     for n in names:
@@ -250,7 +217,7 @@ def main(argv):
     gpus = tf.config.list_physical_devices("GPU")
     results = {
         "tensorflow": tf.__version__,
-        "cpu": cpu_model(),
+        "cpu": timing.machine_info()["cpu_model"],
         "cpu_count": os.cpu_count(),
         "gpu": [tf.config.experimental.get_device_details(g).get("device_name", g.name)
                 for g in gpus],

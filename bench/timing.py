@@ -69,27 +69,36 @@ def machine_info() -> Dict[str, object]:
 
 
 def alternate(functions: Mapping[str, Callable[[], object]], warmup: int, repeats: int,
-              label: str = "") -> Dict[str, List[float]]:
+              label: str = "", cpu_times: Optional[Dict[str, List[float]]] = None
+              ) -> Dict[str, List[float]]:
     """Seconds per call of each function over `repeats` interleaved rounds.
 
     Round r calls the functions in mapping order; the first `warmup` rounds are not
-    recorded. Returns {name: [seconds of round 1, ..., round `repeats`]}.
+    recorded. Returns {name: [wall seconds of round 1, ..., round `repeats`]}. When a
+    `cpu_times` dict is passed, it is filled the same way with the process CPU seconds
+    (all threads) of each call, which other processes on a shared machine disturb less
+    than wall time.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     times: Dict[str, List[float]] = {name: [] for name in functions}
+    cpu: Dict[str, List[float]] = {name: [] for name in functions}
     for round_index in range(warmup + repeats):
-        this_round = {}
+        this_round, this_round_cpu = {}, {}
         for name, function in functions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             function()
             this_round[name] = time.perf_counter() - start
+            this_round_cpu[name] = time.process_time() - start_cpu
         if round_index >= warmup:
             for name, seconds in this_round.items():
                 times[name].append(seconds)
+                cpu[name].append(this_round_cpu[name])
         logging.info("%s round %d/%d (%s): %s", label, round_index + 1, warmup + repeats,
                      "timed" if round_index >= warmup else "warm-up",
                      ", ".join(f"{name} {seconds:.3f}s" for name, seconds in this_round.items()))
+    if cpu_times is not None:
+        cpu_times.update(cpu)
     return times
 
 
