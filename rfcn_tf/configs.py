@@ -200,10 +200,11 @@ class DataConfig:
       long side would exceed `max_side`.
     multiscale_short_sides: when non-empty (training), the short side is drawn
       from this list per image.
-    shuffle_buffer: training order: each epoch permutes the records within
-      consecutive windows of this many (the whole split when larger; TFRecord
-      files are also read in a permuted order); with `cache`, the size of the
-      shuffle buffer over the cached images; <= 1 keeps the stored order.
+    shuffle_buffer: training order, > 1 shuffles every epoch: a record list
+      (voc, coco, synthetic) is fully permuted; TFRecord files are read in a
+      permuted order and their records permuted within consecutive windows of
+      this many; with `cache`, the size of the shuffle buffer over the cached
+      images. <= 1 keeps the stored order.
     cache: keep the decoded images in memory after the first pass.
     deterministic: fixed element order and seeds (from `seed`): runs repeat
       exactly, and a resumed training run continues the same stream.
@@ -294,7 +295,9 @@ class TrainConfig:
     eval_every_epochs: in train_and_eval mode, evaluate after every N epochs
       (and always after the last); 0 evaluates only after the last.
     verbose: Keras verbosity: 1 progress bar, 2 one line per epoch, 0 silent.
-    seed: seeds TensorFlow, NumPy and Python's random before the model is built.
+    seed: seeds TensorFlow, NumPy and Python's random before the model is built,
+      and (with the step) the anchor and RoI samplers' stateless draws, whatever
+      train_data.deterministic says.
     """
 
     batch_size: int = 1

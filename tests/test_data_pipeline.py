@@ -287,6 +287,25 @@ def test_start_batch_continues_each_input_pipeline(marked_voc):
         _assert_same_elements(fresh[5:], resumed)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_tfrecords_sharded_by_record_split_each_epoch(marked_tfrecords, deterministic):
+    """4 pipelines, 3 files: records are sharded, and in every epoch the pipelines together
+    see each record exactly once (they agree on the file order)."""
+    cfg = _training_config(marked_tfrecords, format="tfrecord", deterministic=deterministic)
+    per_pipeline = []
+    for pipeline_id in range(4):
+        context = tf.distribute.InputContext(num_input_pipelines=4,
+                                             input_pipeline_id=pipeline_id,
+                                             num_replicas_in_sync=4)
+        share = 2 if pipeline_id < 2 else 1  # 6 records, every 4th from pipeline_id
+        ids = [int(e["source_id"]) for e in
+               _elements(input_pipeline.build_dataset(cfg, 1, context), limit=3 * share)]
+        per_pipeline.append([ids[i:i + share] for i in range(0, 3 * share, share)])
+    for epoch in range(3):
+        seen = sorted(i for ids in per_pipeline for i in ids[epoch])
+        assert seen == list(range(6)), (epoch, per_pipeline)
+
+
 def test_start_batch_is_refused_where_it_means_nothing(marked_voc):
     root, _ = marked_voc
     with pytest.raises(DataError, match="start_batch must be 0 for evaluation"):

@@ -95,6 +95,7 @@ def test_sample_balanced_stateless_seed_fixes_the_draw():
     assert not np.array_equal(draw(tf.constant([3, 42], tf.int64)), first)
     assert not np.array_equal(draw(None), draw(None))  # stateful without a seed
 
+
 def test_indices_of_true_pads_with_invalid_slots():
     mask = tf.constant([[False, True, False, True], [False, False, False, False]])
     indices, valid = sampling.indices_of_true(mask, 3)

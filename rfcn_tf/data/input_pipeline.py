@@ -142,11 +142,15 @@ def _tfrecord_files(files, num_pipelines: int, pipeline_id: int):
 def _tfrecord_records(file_ds, by_file: bool, cfg: DataConfig, num_files: int,
                       num_pipelines: int, pipeline_id: int):
     """Serialized records of `file_ds` (already in reading order), sharded by record
-    when the files were not sharded."""
+    when the files were not sharded (file_ds must then be in the same order in every
+    pipeline)."""
+    by_record = num_pipelines > 1 and not by_file
+    # Sharded by record, all pipelines must read one and the same sequence.
     ds = file_ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
                             cycle_length=min(num_files, _CYCLE_LENGTH),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
-    if num_pipelines > 1 and not by_file:
+                            num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=cfg.deterministic or by_record)
+    if by_record:
         ds = ds.shard(num_pipelines, pipeline_id)
     return ds
 
@@ -255,15 +259,12 @@ def _epochs_until_one_is_empty(first_epoch: int, make_epoch, first_is_whole: boo
 
 
 def _count(dataset: tf.data.Dataset) -> int:
-    """Number of elements of a finite dataset (from its cardinality when known)."""
-    known = int(dataset.cardinality())
-    if known >= 0:
-        return known
-    return int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    """Number of elements a finite dataset yields (read errors end or skip, as in training)."""
+    return int(dataset.ignore_errors().reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
 def _shuffle_seed(cfg: DataConfig, pipeline_id: int) -> int:
-    """The base of the shuffle seeds: fixed by cfg.seed when deterministic."""
+    """The base of a pipeline's record-order seeds: fixed by cfg.seed when deterministic."""
     if cfg.deterministic:
         return (cfg.seed * 1_000_003 + pipeline_id) % (1 << 31)
     return int(np.random.default_rng().integers(1 << 31))
@@ -276,9 +277,10 @@ def _permuted(values: tf.Tensor, seed_base: int, key: tf.Tensor) -> tf.Tensor:
 
 
 def _shuffled_in_windows(ds: tf.data.Dataset, window: int, seed_base: int,
-                         epoch: tf.Tensor) -> tf.Tensor:
+                         epoch: tf.Tensor) -> tf.data.Dataset:
     """Scalar elements of `ds` permuted within consecutive windows of `window` elements,
     each by its own draw from (seed_base, epoch, window index); unchanged for window <= 1.
+    The next window is read while one is consumed.
     """
     if window <= 1:
         return ds
@@ -286,21 +288,24 @@ def _shuffled_in_windows(ds: tf.data.Dataset, window: int, seed_base: int,
     def permute(index, block):
         return tf.data.Dataset.from_tensor_slices(
             _permuted(block, seed_base, epoch * 1_000_003 + index))
-    return ds.batch(window).enumerate().flat_map(permute)
+    return ds.batch(window).prefetch(1).enumerate().flat_map(permute)
 
 
 def _training_elements(source, cfg: DataConfig, num_pipelines: int, pipeline_id: int,
                        stats: Optional[PipelineStats], skip: int) -> tf.data.Dataset:
     """Decoded training elements of this pipeline, epoch after epoch, from element `skip`.
 
-    The order of epoch e is drawn statelessly from (shuffle seed, e): TFRecord files in a
-    permuted order, then the records (of a record list: their indices) permuted within
-    windows of `shuffle_buffer`. So any epoch can be rebuilt without replaying the ones
-    before it: without `cache`, the `skip` first elements are dropped before decoding
-    (whole epochs are not built at all; TFRecords of the first epoch are read, not
-    parsed). With `cache`, decoded images are what is cached and shuffled (a
-    `shuffle_buffer` buffer, reshuffled each epoch), so the skip runs over the decoded
-    stream: the first epoch decodes every image anyway, to fill the cache.
+    The order of epoch e is drawn statelessly from (seeds, e): a record list is fully
+    permuted; TFRecord files are read in a permuted order (the same in every pipeline,
+    from cfg.seed, so that record sharding splits one sequence), their records permuted
+    within windows of `shuffle_buffer`. `shuffle_buffer` <= 1 keeps the stored order.
+    So any epoch can be rebuilt without replaying the ones before it: without `cache`,
+    the `skip` first elements are dropped before decoding (whole epochs are not built at
+    all; TFRecords of the first epoch are read, not parsed; and a resumed TFRecord
+    pipeline first reads its records once to count them). With `cache`, decoded images
+    are what is cached and shuffled (a `shuffle_buffer` buffer, reshuffled each epoch),
+    so the skip runs over the decoded stream: the first epoch decodes every image anyway,
+    to fill the cache.
     """
     seed_base = _shuffle_seed(cfg, pipeline_id)
     from_tfrecord = source.tfrecord_files is not None
@@ -311,25 +316,30 @@ def _training_elements(source, cfg: DataConfig, num_pipelines: int, pipeline_id:
     if from_tfrecord:
         files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
         num_files = len(source.tfrecord_files)
-        file_names = tf.constant(list(files.as_numpy_iterator()), tf.string)
-        in_order = _tfrecord_records(files, by_file, cfg, num_files, num_pipelines, pipeline_id)
 
-        def undecoded_epoch(epoch):
+        def records_of(file_ds):
+            return _tfrecord_records(file_ds, by_file, cfg, num_files, num_pipelines,
+                                     pipeline_id)
+        in_order = records_of(files)
+        file_names = tf.constant(list(files.as_numpy_iterator()), tf.string)
+        file_seed = cfg.seed % (1 << 31)
+
+        def undecoded_epoch(epoch, offset):
             epoch_files = tf.data.Dataset.from_tensor_slices(
-                _permuted(file_names, seed_base, -1 - epoch))
-            records = _tfrecord_records(epoch_files, by_file, cfg, num_files, num_pipelines,
-                                        pipeline_id)
-            return _shuffled_in_windows(records, cfg.shuffle_buffer, seed_base, epoch)
+                _permuted(file_names, file_seed, epoch) if cfg.shuffle_buffer > 1
+                else file_names)
+            return _shuffled_in_windows(records_of(epoch_files), cfg.shuffle_buffer,
+                                        seed_base, epoch).skip(offset)
     else:
         table = _records_table(source.records)
         indices = tf.range(pipeline_id, len(source.records), num_pipelines, dtype=tf.int64)
         in_order = tf.data.Dataset.from_tensor_slices(indices).map(
             lambda index: _table_row(table, index))
 
-        def undecoded_epoch(epoch):
-            order = _shuffled_in_windows(tf.data.Dataset.from_tensor_slices(indices),
-                                         cfg.shuffle_buffer, seed_base, epoch)
-            return order.map(lambda index: _table_row(table, index))
+        def undecoded_epoch(epoch, offset):
+            order = _permuted(indices, seed_base, epoch) if cfg.shuffle_buffer > 1 else indices
+            return tf.data.Dataset.from_tensor_slices(order).skip(offset).map(
+                lambda index: _table_row(table, index))
 
     if cfg.cache:
         stream = decoded(in_order).cache()
@@ -338,12 +348,13 @@ def _training_elements(source, cfg: DataConfig, num_pipelines: int, pipeline_id:
                                     reshuffle_each_iteration=True)
         # repeat() ends after an epoch without elements: nothing decoded.
         return stream.repeat().skip(skip)
-    per_epoch = _count(in_order) if skip else 0
+    per_epoch = 0
+    if skip:
+        per_epoch = _count(in_order) if from_tfrecord else int(indices.shape[0])
     first_epoch, offset = divmod(skip, per_epoch) if per_epoch else (0, 0)
 
     def epoch_from_offset(epoch):
-        first = tf.cast(epoch == first_epoch, tf.int64)
-        return decoded(undecoded_epoch(epoch).skip(first * offset))
+        return decoded(undecoded_epoch(epoch, tf.cast(epoch == first_epoch, tf.int64) * offset))
     return _epochs_until_one_is_empty(first_epoch, epoch_from_offset,
                                       first_is_whole=offset == 0)
 
