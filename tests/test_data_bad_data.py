@@ -203,29 +203,29 @@ def test_tfrecord_with_bad_records_is_cleaned_and_skipped(tmp_path):
     assert result.report.get(rpt.OBJECTS_SKIPPED, validation.reason_unknown_label(7)) == 1
 
 
-def test_training_on_undecodable_data_ends_instead_of_spinning(dirty_voc):
-    """Every image of the split fails in the graph: repeat() must not loop forever."""
+def _train_on_broken_split(dirty_voc, start_batch):
+    """(batches, stats) of the training dataset of the split whose images all fail to
+    decode, read in a thread that must finish within 60 s (not spin over the failures)."""
     cfg = _eval_config(dirty_voc, split="broken", image_check="none", is_training=True)
     stats = input_pipeline.PipelineStats()
-    dataset = input_pipeline.build_dataset(cfg, 1, stats=stats)
+    dataset = input_pipeline.build_dataset(cfg, 1, stats=stats, start_batch=start_batch)
     batches = []
     worker = threading.Thread(target=lambda: batches.extend(dataset), daemon=True)
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive(), "the training dataset kept spinning over undecodable images"
+    return batches, stats
+
+
+def test_training_on_undecodable_data_ends_instead_of_spinning(dirty_voc):
+    """Every image of the split (2) fails in the graph: one failed epoch ends the stream."""
+    batches, stats = _train_on_broken_split(dirty_voc, start_batch=0)
     assert batches == [] and stats.attempted() == 2 and stats.skipped() == 2
 
 
 def test_resumed_training_on_undecodable_data_ends_too(dirty_voc):
     """Resumed inside an epoch: the rest of that epoch fails, then a whole epoch fails."""
-    cfg = _eval_config(dirty_voc, split="broken", image_check="none", is_training=True)
-    stats = input_pipeline.PipelineStats()
-    dataset = input_pipeline.build_dataset(cfg, 1, stats=stats, start_batch=5)
-    batches = []
-    worker = threading.Thread(target=lambda: batches.extend(dataset), daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    assert not worker.is_alive(), "the resumed training dataset kept spinning"
+    batches, stats = _train_on_broken_split(dirty_voc, start_batch=5)
     # Skipped 5 = 2 whole epochs of 2 and 1 image, not decoded; then 1 + 2 attempts.
     assert batches == [] and stats.attempted() == 3 and stats.skipped() == 3
 

@@ -54,7 +54,7 @@ the first pass: roughly H*W*3 bytes per image (0.9 MB for 640x480).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -132,15 +132,16 @@ def _records_dataset(records) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(_records_table(records))
 
 
-def _tfrecord_files(files, num_pipelines: int, pipeline_id: int):
-    """(file dataset, shard by file?): this pipeline's files when there are enough of them."""
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
+def _tfrecord_files(files: List[str], num_pipelines: int, pipeline_id: int
+                    ) -> Tuple[List[str], bool]:
+    """(files to read, sharded by file?): every num_pipelines-th file from pipeline_id
+    when there are at least as many files as pipelines, else all of them."""
     by_file = num_pipelines > 1 and len(files) >= num_pipelines
-    return (ds.shard(num_pipelines, pipeline_id) if by_file else ds), by_file
+    return (files[pipeline_id::num_pipelines] if by_file else list(files)), by_file
 
 
-def _tfrecord_records(file_ds, by_file: bool, cfg: DataConfig, num_files: int,
-                      num_pipelines: int, pipeline_id: int):
+def _tfrecord_records(file_ds: tf.data.Dataset, by_file: bool, cfg: DataConfig,
+                      num_files: int, num_pipelines: int, pipeline_id: int) -> tf.data.Dataset:
     """Serialized records of `file_ds` (already in reading order), sharded by record
     when the files were not sharded (file_ds must then be in the same order in every
     pipeline)."""
@@ -320,8 +321,8 @@ def _training_elements(source, cfg: DataConfig, num_pipelines: int, pipeline_id:
         def records_of(file_ds):
             return _tfrecord_records(file_ds, by_file, cfg, num_files, num_pipelines,
                                      pipeline_id)
-        in_order = records_of(files)
-        file_names = tf.constant(list(files.as_numpy_iterator()), tf.string)
+        file_names = tf.constant(files, tf.string)
+        in_order = records_of(tf.data.Dataset.from_tensor_slices(file_names))
         file_seed = cfg.seed % (1 << 31)
 
         def undecoded_epoch(epoch, offset):
@@ -393,8 +394,9 @@ def build_dataset(data_config: DataConfig, batch_size: int,
         from_tfrecord = source.tfrecord_files is not None
         if from_tfrecord:
             files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
-            ds = _tfrecord_records(files, by_file, cfg, len(source.tfrecord_files),
-                                   num_pipelines, pipeline_id)
+            ds = _tfrecord_records(tf.data.Dataset.from_tensor_slices(tf.constant(files)),
+                                   by_file, cfg, len(source.tfrecord_files), num_pipelines,
+                                   pipeline_id)
         else:
             ds = _records_dataset(source.records).shard(num_pipelines, pipeline_id)
         ds = _decoded(ds, cfg, from_tfrecord, stats)
