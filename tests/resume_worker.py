@@ -4,10 +4,9 @@
 
 Runs rfcn_tf.training.loop.run_training (no evaluation), writing the `start_batch` that
 it builds the training dataset with to SNAPSHOT_PREFIX.start_batch, and with one extra
-callback: before
-the first batch of the run, after every restore (the latest checkpoint, then the
-BackupAndRestore backup), it writes tf.train.Checkpoint(model=<the trainer>) to
-SNAPSHOT_PREFIX. The trainer is what the backup saves under "model", so the two
+callback: before the first batch of the run, after every restore (the latest
+checkpoint, then the BackupAndRestore backup), it writes tf.train.Checkpoint(model=<the
+trainer>) to SNAPSHOT_PREFIX. The trainer is what the backup saves under "model", so the two
 checkpoints share the keys of the detector's variables and the optimizer's state, and a
 test can compare them value by value.
 """

@@ -33,23 +33,19 @@ def _backup_position(model_dir):
         return None
 
 
-def _training_state(prefix):
-    """{key: value} of the detector's and the optimizer's variables in a checkpoint of the
-    trainer saved as "model" (the loss trackers, reset every epoch, are left out)."""
+# Key prefixes of the detector's and the optimizer's variables in a checkpoint of the
+# trainer saved as "model" (backup, snapshot; the loss trackers, reset every epoch, are
+# left out) and in a regular ckpt-<step> (model=detector, optimizer=optimizer).
+TRAINER_STATE = ("model/detector/", "model/optimizer/")
+CKPT_STATE = ("model/", "optimizer/")
+
+
+def _variable_values(prefix, key_prefixes):
+    """{key: value} of the checkpoint variables whose keys start with `key_prefixes`."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     reader = tf.train.load_checkpoint(prefix)
     return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
-            if key.startswith(("model/detector/", "model/optimizer/"))
-            and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
-
-
-def _checkpoint_values(prefix):
-    """{key: value} of the detector's and the optimizer's variables in a ckpt-<step>."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    reader = tf.train.load_checkpoint(prefix)
-    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
-            if key.startswith(("model/", "optimizer/"))
-            and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
+            if key.startswith(key_prefixes) and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
 
 
 def _epoch_ends(model_dir):
@@ -87,8 +83,8 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     assert ends_before == [(0, STEPS_PER_EPOCH)], ends_before
 
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    backup = _training_state(tf.train.latest_checkpoint(
-        os.path.join(model_dir, "backup", "chief")))
+    backup = _variable_values(tf.train.latest_checkpoint(
+        os.path.join(model_dir, "backup", "chief")), TRAINER_STATE)
     # Restart: the same training, plus a snapshot of the state it starts its first batch
     # from (tests/resume_worker.py).
     snapshot = str(tmp_path / "resumed_state")
@@ -97,7 +93,7 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     # It resumed the backed-up weights and optimizer state (step, moments), not the last
     # regular checkpoint (epoch 0's end) or a fresh init: every variable equal.
-    resumed = _training_state(snapshot)
+    resumed = _variable_values(snapshot, TRAINER_STATE)
     shared = sorted(set(backup) & set(resumed))
     assert len(shared) == len(resumed) == len(backup) > 100, (len(shared), len(resumed))
     for key in shared:
@@ -129,8 +125,8 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     result = run(train_command(reference_dir, override))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     final = f"ckpt-{STEPS_PER_EPOCH * EPOCHS}"
-    resumed_end = _checkpoint_values(os.path.join(model_dir, final))
-    reference_end = _checkpoint_values(os.path.join(reference_dir, final))
+    resumed_end = _variable_values(os.path.join(model_dir, final), CKPT_STATE)
+    reference_end = _variable_values(os.path.join(reference_dir, final), CKPT_STATE)
     assert resumed_end.keys() == reference_end.keys() and len(resumed_end) > 100
     for key, value in reference_end.items():
         np.testing.assert_array_equal(resumed_end[key], value, err_msg=key)

@@ -172,6 +172,18 @@ def _decode_step(from_tfrecord: bool, stats: Optional[PipelineStats]):
     return decode
 
 
+def _stored_order(source, cfg: DataConfig, num_pipelines: int,
+                  pipeline_id: int) -> tf.data.Dataset:
+    """This input pipeline's undecoded elements, once, in their stored order: the
+    serialized records of its TFRecord share, or its share of the record list."""
+    if source.tfrecord_files is not None:
+        files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
+        return _tfrecord_records(tf.data.Dataset.from_tensor_slices(tf.constant(files)),
+                                 by_file, cfg, len(source.tfrecord_files), num_pipelines,
+                                 pipeline_id)
+    return _records_dataset(source.records).shard(num_pipelines, pipeline_id)
+
+
 def _decoded(ds: tf.data.Dataset, cfg: DataConfig, from_tfrecord: bool,
              stats: Optional[PipelineStats]) -> tf.data.Dataset:
     """`ds` through the decode step; elements that fail are skipped, logged and counted."""
@@ -314,44 +326,38 @@ def _training_elements(source, cfg: DataConfig, num_pipelines: int, pipeline_id:
     def decoded(ds):
         return _decoded(ds, cfg, from_tfrecord, stats)
 
+    if cfg.cache:
+        stream = decoded(_stored_order(source, cfg, num_pipelines, pipeline_id)).cache()
+        if cfg.shuffle_buffer > 1:
+            stream = stream.shuffle(cfg.shuffle_buffer, seed=seed_base,
+                                    reshuffle_each_iteration=True)
+        # repeat() ends after an epoch without elements: nothing decoded.
+        return stream.repeat().skip(skip)
+
     if from_tfrecord:
         files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
-        num_files = len(source.tfrecord_files)
-
-        def records_of(file_ds):
-            return _tfrecord_records(file_ds, by_file, cfg, num_files, num_pipelines,
-                                     pipeline_id)
         file_names = tf.constant(files, tf.string)
-        in_order = records_of(tf.data.Dataset.from_tensor_slices(file_names))
         file_seed = cfg.seed % (1 << 31)
 
         def undecoded_epoch(epoch, offset):
             epoch_files = tf.data.Dataset.from_tensor_slices(
                 _permuted(file_names, file_seed, epoch) if cfg.shuffle_buffer > 1
                 else file_names)
-            return _shuffled_in_windows(records_of(epoch_files), cfg.shuffle_buffer,
-                                        seed_base, epoch).skip(offset)
+            records = _tfrecord_records(epoch_files, by_file, cfg, len(source.tfrecord_files),
+                                        num_pipelines, pipeline_id)
+            return _shuffled_in_windows(records, cfg.shuffle_buffer, seed_base,
+                                        epoch).skip(offset)
+        per_epoch = (_count(_stored_order(source, cfg, num_pipelines, pipeline_id))
+                     if skip else 0)
     else:
         table = _records_table(source.records)
         indices = tf.range(pipeline_id, len(source.records), num_pipelines, dtype=tf.int64)
-        in_order = tf.data.Dataset.from_tensor_slices(indices).map(
-            lambda index: _table_row(table, index))
 
         def undecoded_epoch(epoch, offset):
             order = _permuted(indices, seed_base, epoch) if cfg.shuffle_buffer > 1 else indices
             return tf.data.Dataset.from_tensor_slices(order).skip(offset).map(
                 lambda index: _table_row(table, index))
-
-    if cfg.cache:
-        stream = decoded(in_order).cache()
-        if cfg.shuffle_buffer > 1:
-            stream = stream.shuffle(cfg.shuffle_buffer, seed=seed_base,
-                                    reshuffle_each_iteration=True)
-        # repeat() ends after an epoch without elements: nothing decoded.
-        return stream.repeat().skip(skip)
-    per_epoch = 0
-    if skip:
-        per_epoch = _count(in_order) if from_tfrecord else int(indices.shape[0])
+        per_epoch = int(indices.shape[0])
     first_epoch, offset = divmod(skip, per_epoch) if per_epoch else (0, 0)
 
     def epoch_from_offset(epoch):
@@ -391,15 +397,8 @@ def build_dataset(data_config: DataConfig, batch_size: int,
     if cfg.is_training:
         ds = _training_elements(source, cfg, num_pipelines, pipeline_id, stats, skip)
     else:
-        from_tfrecord = source.tfrecord_files is not None
-        if from_tfrecord:
-            files, by_file = _tfrecord_files(source.tfrecord_files, num_pipelines, pipeline_id)
-            ds = _tfrecord_records(tf.data.Dataset.from_tensor_slices(tf.constant(files)),
-                                   by_file, cfg, len(source.tfrecord_files), num_pipelines,
-                                   pipeline_id)
-        else:
-            ds = _records_dataset(source.records).shard(num_pipelines, pipeline_id)
-        ds = _decoded(ds, cfg, from_tfrecord, stats)
+        ds = _decoded(_stored_order(source, cfg, num_pipelines, pipeline_id), cfg,
+                      source.tfrecord_files is not None, stats)
         if cfg.cache:
             ds = ds.cache()
     seeds = tf.data.Dataset.random(

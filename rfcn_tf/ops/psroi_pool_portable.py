@@ -15,8 +15,8 @@ so each of the R*k*k bins costs one gather of 4 D-vectors, whatever its size.
    fall next to each other in the table.
  - On CPU the prefix sums are products with triangular 0/1 matrices: one large matmul
    along H, then one batched matmul along W (tf.cumsum's CPU kernel is 4-11 times
-   slower: bench/portable_passes.py). On a GPU they are tf.cumsum, since float32 matmuls may run in TF32 there
-   (see _summed_area_table).
+   slower: bench/portable_passes.py). On a GPU they are tf.cumsum, since float32
+   matmuls may run in TF32 there (see _summed_area_table).
  - Gradient: the adjoint of the four signed lookups is a scatter-add of the incoming
    gradient into the table; it is done as one sparse-dense matmul, about twice as fast
    on CPU as the gather's own gradient (unsorted segment sum). The table's gradient then
