@@ -132,10 +132,9 @@ def _faster_trainer(config: configs.ExperimentConfig):
     return step, detect
 
 
-def run(steps: int, work_dir: str = None) -> Dict[str, object]:
+def run(steps: int) -> Dict[str, object]:
     """Trains both models `steps` steps on the same BCCD batches, evaluates both; see the
-    module docstring. work_dir is unused (kept for run_all's uniform call)."""
-    del work_dir
+    module docstring."""
     if steps < 1:
         raise ValueError(f"--accuracy_steps must be >= 1, got {steps}")
     config = experiment_config(steps, FLAGS.accuracy_batch_size, FLAGS.accuracy_depth)

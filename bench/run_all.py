@@ -25,11 +25,12 @@ timed rounds; min and max are in the JSON.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
 import tempfile
 import time
-from typing import Dict
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,7 +47,6 @@ flags.DEFINE_string("profile_sizes", "600x1000", "Sizes HxW of the stage profile
 flags.DEFINE_string("accuracy_results", None, "Include this `bench/equal_budget.py --output` "
                     "JSON as the accuracy at equal budget (instead of --accuracy_steps).")
 
-PROBES = ("matmul_probe", "conv_probe")
 LABELS = {"rfcn_custom": "R-FCN (custom op)", "rfcn_portable": "R-FCN (portable)",
           "rfcn_saved_model": "R-FCN SavedModel", "rfcn_tflite": "R-FCN TFLite fp32",
           "faster_rcnn": "Faster R-CNN (official.vision)"}
@@ -159,7 +159,8 @@ def markdown(results: Dict[str, object]) -> str:
                          f"{entry['rfcn']['ratio_to_faster_rcnn']:.2f} |")
         lines += ["", f"{settings['train_repeats']} timed rounds after "
                   f"{settings['train_warmup']} warm-up rounds.", ""]
-    lines += ["### Where the time goes (stages timed separately)", ""]
+    if results["profile"]:
+        lines += ["### Where the time goes (stages timed separately)", ""]
     for size, entry in results["profile"].items():
         for model, breakdown in entry.items():
             lines += [profile_inference.format_breakdown(f"{model} {size}", breakdown), ""]
@@ -222,21 +223,98 @@ def plot(results: Dict[str, object], path: str) -> bool:
     return True
 
 
+ACCURACY_KEYS = ("mAP@0.5", "seconds_per_step")  # per model, as markdown() reads them
+
+
+def _is_number(value) -> bool:
+    """True for an int or float (JSON number), False for bool and everything else."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def load_accuracy_results(path: str) -> Dict[str, object]:
+    """The `bench/equal_budget.py --output` JSON at `path` with "source": path added.
+
+    Raises app.UsageError naming `path` and the problem when the file cannot be read, is not
+    JSON, or lacks what markdown() reads: a top-level object with a number "steps" and a
+    non-empty object "models" whose every value is an object with numbers "mAP@0.5" and
+    "seconds_per_step"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise app.UsageError(f"--accuracy_results={path}: cannot read it: {e.strerror}") from None
+    except ValueError as e:
+        raise app.UsageError(f"--accuracy_results={path} is not valid JSON: {e}") from None
+    problem = _accuracy_problem(data)
+    if problem:
+        raise app.UsageError(f"--accuracy_results={path} is not a bench/equal_budget.py "
+                             f"--output JSON: {problem}")
+    return {**data, "source": path}
+
+
+def _accuracy_problem(data) -> str:
+    """What in `data` markdown()'s accuracy table cannot use ('' when nothing)."""
+    if not isinstance(data, dict):
+        return f"the top level is a {type(data).__name__}, not an object"
+    problem = _number_problem(data, "steps")
+    if problem:
+        return problem
+    if "models" not in data:
+        return f"'models' is missing (keys there: {sorted(data)})"
+    models = data["models"]
+    if not isinstance(models, dict) or not models:
+        return f"'models' must be a non-empty object, got {models!r}"
+    for model, entry in models.items():
+        if not isinstance(entry, dict):
+            return f"models[{model!r}] must be an object, got {entry!r}"
+        for key in ACCURACY_KEYS:
+            problem = _number_problem(entry, key, f"models[{model!r}]")
+            if problem:
+                return problem
+    return ""
+
+
+def _number_problem(mapping: Dict[str, object], key: str, where: str = "") -> str:
+    """Why mapping[key] is not a number ('' when it is); `where` is mapping's path in the
+    file ('' for the top level)."""
+    name = f"{where}[{key!r}]" if where else repr(key)
+    if key not in mapping:
+        return f"{name} is missing (keys there: {sorted(mapping)})"
+    if not _is_number(mapping[key]):
+        return f"{name} must be a number, got {mapping[key]!r}"
+    return ""
+
+
+def parse_size_flags() -> Tuple[List[Tuple[int, int]], ...]:
+    """(sizes, profile_sizes, train_sizes) from their flags; app.UsageError for a malformed
+    size or an empty --sizes (the inference latency is what every table and the plot show;
+    --profile_sizes and --train_sizes may be empty: that part is skipped)."""
+    parsed = []
+    for name in ("sizes", "profile_sizes", "train_sizes"):
+        try:
+            parsed.append(detectors.parse_sizes(FLAGS[name].value))
+        except ValueError as e:
+            raise app.UsageError(f"--{name}: {e}") from None
+    if not parsed[0]:
+        raise app.UsageError(f"--sizes must name at least one size HxW, got {FLAGS.sizes!r}")
+    return tuple(parsed)
+
+
 def main(argv):
     del argv
     if FLAGS.accuracy_steps > 0 and FLAGS.accuracy_results:
         raise app.UsageError("give --accuracy_steps or --accuracy_results, not both")
-    accuracy = None
-    if FLAGS.accuracy_results:  # read first: a bad file fails now, not after the timings
-        with open(FLAGS.accuracy_results, encoding="utf-8") as f:
-            accuracy = {**json.load(f), "source": FLAGS.accuracy_results}
-        if not {"steps", "models"} <= set(accuracy):
-            raise app.UsageError(f"{FLAGS.accuracy_results} is not a bench/equal_budget.py "
-                                 "--output JSON (no 'steps' / 'models')")
+    # Every flag is checked here: a bad one fails now, not after minutes of timings.
+    accuracy = (load_accuracy_results(FLAGS.accuracy_results) if FLAGS.accuracy_results
+                else None)
+    sizes, profile_sizes, train_sizes = parse_size_flags()
+    try:
+        flavours = detectors.parse_flavours(FLAGS.flavours)
+        if FLAGS.accuracy_steps > 0:
+            equal_budget.bccd_root()  # the dataset equal_budget.run trains on
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from None
     started = time.time()
-    sizes = detectors.parse_sizes(FLAGS.sizes)
-    train_sizes = detectors.parse_sizes(FLAGS.train_sizes)
-    flavours = detectors.parse_flavours(FLAGS.flavours)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="rfcn_bench_")
     results = {"machine": timing.machine_info(),
@@ -255,7 +333,7 @@ def main(argv):
     for size in sizes:
         results["inference"][detectors.size_name(size)] = measure_inference(
             size, rfcn, faster, flavours, work_dir)
-    for size in detectors.parse_sizes(FLAGS.profile_sizes):
+    for size in profile_sizes:
         results["profile"][detectors.size_name(size)] = profile_inference.profile_size(
             size, rfcn, faster, warmup=1, repeats=FLAGS.profile_repeats)
     for size in train_sizes:
@@ -264,7 +342,7 @@ def main(argv):
     if accuracy:
         results["accuracy"] = accuracy
     if FLAGS.accuracy_steps > 0:
-        results["accuracy"] = equal_budget.run(FLAGS.accuracy_steps, work_dir)
+        results["accuracy"] = equal_budget.run(FLAGS.accuracy_steps)
     results["load_average_end"] = timing.load_average()
     results["wall_minutes"] = (time.time() - started) / 60.0
     json_path = os.path.join(FLAGS.output_dir, "results.json")
