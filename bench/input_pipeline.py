@@ -13,13 +13,18 @@ a temp dir) and reads the TFRecords instead of the VOC files.
 
 Train step: builds the model of `--model_config` (default the small-backbone
 configs/rfcn_bccd.yaml) with rfcn_tf.modeling.builder, and times full SGD
-steps (forward, losses, gradients, update) on a batch of the same pipeline.
+steps (forward, losses, gradients, update) on a batch of `--batch_size` images
+of the same data resized as that config trains: its train_data short_side,
+max_side, pad_multiple and padded_size (480 / 640 for rfcn_bccd.yaml), which
+may differ from the pipeline's --short_side / --max_side. The printout names
+both sizes (pipeline_* and train_step_*).
 The requirement is pipeline images/s >= 3 x (steps/s x batch size).
 Both are measured alone: in training they share the same CPU cores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -45,8 +50,9 @@ flags.DEFINE_string("data_dir", os.environ.get("RFCN_TF_BCCD",
                                                             "bccd")), "BCCD (VOC layout) root.")
 flags.DEFINE_enum("format", "voc", ["voc", "tfrecord"], "Read the VOC files or TFRecords.")
 flags.DEFINE_string("split", "trainval", "VOC split.")
-flags.DEFINE_integer("short_side", 600, "Short side after resizing.")
-flags.DEFINE_integer("max_side", 1000, "Long side cap.")
+flags.DEFINE_integer("short_side", 600, "Pipeline: short side after resizing (the train "
+                     "step resizes as --model_config's train_data).")
+flags.DEFINE_integer("max_side", 1000, "Pipeline: long side cap.")
 flags.DEFINE_integer("batch_size", 2, "Images per batch.")
 flags.DEFINE_integer("num_batches", 100, "Timed batches per repeat.")
 flags.DEFINE_integer("warmup_batches", 10, "Untimed batches per repeat.")
@@ -97,10 +103,20 @@ def measure_pipeline(cfg: configs.DataConfig):
     return rates, cpu_ms
 
 
-def measure_train_step(cfg: configs.DataConfig) -> float:
-    """Steps/s of the model of --model_config on batches of `cfg` (SGD, full step)."""
+def train_step_data(cfg: configs.DataConfig,
+                    experiment: configs.ExperimentConfig) -> configs.DataConfig:
+    """`cfg` resized and padded as `experiment` trains (its train_data short_side,
+    max_side, pad_multiple, padded_size)."""
+    train = experiment.train_data
+    return dataclasses.replace(cfg, short_side=train.short_side, max_side=train.max_side,
+                               pad_multiple=train.pad_multiple,
+                               padded_size=list(train.padded_size))
+
+
+def measure_train_step(cfg: configs.DataConfig, experiment: configs.ExperimentConfig
+                       ) -> float:
+    """Steps/s of the model of `experiment` on a batch of `cfg` (SGD, full step)."""
     from rfcn_tf.modeling import builder  # pylint: disable=import-outside-toplevel
-    experiment = configs.load_config(FLAGS.model_config)
     model = builder.build_model(experiment.model, load_pretrained=False)
     optimizer = tf.keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9)
     batch = next(iter(input_pipeline.build_dataset(cfg, FLAGS.batch_size)))
@@ -135,16 +151,20 @@ def main(argv):
     results = {
         "cpu": _cpu_model(), "load_average_1min": round(os.getloadavg()[0], 2),
         "tensorflow": tf.__version__, "format": FLAGS.format,
-        "split": FLAGS.split, "short_side": FLAGS.short_side, "max_side": FLAGS.max_side,
-        "batch_size": FLAGS.batch_size, "cache": FLAGS.cache,
+        "split": FLAGS.split, "pipeline_short_side": cfg.short_side,
+        "pipeline_max_side": cfg.max_side, "batch_size": FLAGS.batch_size, "cache": FLAGS.cache,
         "pipeline_images_per_s_runs": [round(r, 2) for r in rates],
         "pipeline_images_per_s_median": round(statistics.median(rates), 2),
         "pipeline_cpu_ms_per_image_median": round(statistics.median(cpu_ms), 2),
     }
     step_rate = FLAGS.train_step_rate
     if not step_rate and not FLAGS.skip_train_step:
-        step_rate = measure_train_step(cfg)
-        results["model_config"] = os.path.relpath(FLAGS.model_config, _REPO)
+        experiment = configs.load_config(FLAGS.model_config)
+        step_cfg = train_step_data(cfg, experiment)
+        step_rate = measure_train_step(step_cfg, experiment)
+        results.update({"model_config": os.path.relpath(FLAGS.model_config, _REPO),
+                        "train_step_short_side": step_cfg.short_side,
+                        "train_step_max_side": step_cfg.max_side})
     if step_rate:
         train_images = step_rate * FLAGS.batch_size
         ratio = results["pipeline_images_per_s_median"] / train_images

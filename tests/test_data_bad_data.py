@@ -49,7 +49,15 @@ def dirty_voc(tmp_path_factory):
     ]
     write_voc(root, entries, split_ids=[e[0] for e in entries] + ["ok", "noann"], size=(H, W))
     voc.write_split(root, "broken", ["corrupt", "truncated"])
-    for name in ("ok", "boxes", "empty", "allbad"):
+    # Split "overflow": a width of "inf" and a difficult flag of "1e999" (infinite as floats).
+    for name, old, new in (("infsize", f"<width>{W}</width>", "<width>inf</width>"),
+                           ("infdiff", "<difficult>0</difficult>",
+                            "<difficult>1e999</difficult>")):
+        with open(os.path.join(root, voc.ANNOTATIONS, name + ".xml"), "w",
+                  encoding="utf-8") as f:
+            f.write(voc.annotation_xml(name + ".jpg", H, W, [GOOD]).replace(old, new))
+    voc.write_split(root, "overflow", ["infsize", "infdiff"])
+    for name in ("ok", "boxes", "empty", "allbad", "infsize", "infdiff"):
         with open(os.path.join(images, name + ".jpg"), "wb") as f:
             f.write(image_bytes(H, W, "JPEG", seed=len(name)))
     for name, mode, fmt in (("grey.png", "L", "PNG"), ("rgba.png", "RGBA", "PNG"),
@@ -92,6 +100,17 @@ def test_reader_skips_fixes_and_counts_every_case(dirty_voc):
     assert by_name["empty"].num_boxes == 0 and by_name["allbad"].num_boxes == 0
     np.testing.assert_array_equal(by_name["ok"].difficult, [False, True])
     assert "zebra" in report.format() and "BloodImage" not in report.format()
+
+
+def test_non_finite_annotation_numbers_read_as_malformed(dirty_voc):
+    """A size or difficult flag that is infinite as a float ("inf", "1e999") is malformed
+    like any other bad number: no size (the image's own is used), not difficult."""
+    records, report = voc.read_voc(dirty_voc, "overflow", LABELS)
+    by_name = {r.filename: r for r in records}
+    assert sorted(by_name) == ["infdiff.jpg", "infsize.jpg"]
+    assert (by_name["infsize.jpg"].height, by_name["infsize.jpg"].width) == (H, W)
+    np.testing.assert_array_equal(by_name["infdiff.jpg"].difficult, [False])
+    assert report.get(rpt.BOXES_KEPT) == 2 and report.problems() == 0
 
 
 def test_strict_label_map_raises_on_unknown_class(dirty_voc):
@@ -177,23 +196,41 @@ def _write_foreign(path, entries):
                          .SerializeToString())
 
 
-def test_tfrecord_with_bad_records_is_cleaned_and_skipped(tmp_path):
-    """Records written by another producer: a corrupt image and out-of-range boxes; a
-    label outside the label map after the records check_files inspects."""
+def _write_dirty_foreign(path, last_labels=(1, 7)):
+    """Records 0..INSPECTED_RECORDS of another producer: record 0 has an inverted box and
+    a zero-height one, record 1 a corrupt image, the last (the first record check_files
+    does not inspect) a box reaching outside the image and labels `last_labels`."""
     good = image_bytes(H, W, "JPEG", seed=1)
-    path = str(tmp_path / "foreign.tfrecord")
     filler = [(good, [[0.1, 0.1, 0.5, 0.5]], [1])] * (tfrecord.INSPECTED_RECORDS - 2)
     _write_foreign(path, [
         (good, [[0.1, 0.1, 0.5, 0.5], [0.6, 0.9, 0.2, 0.3], [0.2, 0.2, 0.2, 0.4]], [1, 2, 1]),
         (b"\xff\xd8\xff garbage", [[0.1, 0.1, 0.5, 0.5]], [1])] + filler + [
-        (good, [[-0.5, 0.1, 1.5, 0.5], [0.1, 0.1, 0.5, 0.5]], [1, 7])])
+        (good, [[-0.5, 0.1, 1.5, 0.5], [0.1, 0.1, 0.5, 0.5]], list(last_labels))])
+
+
+def test_tfrecord_with_bad_records_is_cleaned_and_skipped(tmp_path, caplog):
+    """Records written by another producer: a corrupt image and out-of-range boxes; a
+    label outside the label map after the records check_files inspects. What the graph
+    drops or fixes is counted, and an image with a dropped object is logged."""
+    path = str(tmp_path / "foreign.tfrecord")
+    _write_dirty_foreign(path)
     last = tfrecord.INSPECTED_RECORDS
     LABELS.write(str(tmp_path / "label_map.pbtxt"))
     stats = input_pipeline.PipelineStats()
     cfg = DataConfig(format="tfrecord", path=path, is_training=False, short_side=H, max_side=W)
-    got = {int(b["source_id"][i]): {k: v[i].numpy() for k, v in b.items()}
-           for b in input_pipeline.build_dataset(cfg, 2, stats=stats) for i in range(len(b["source_id"]))}
+    with caplog.at_level("WARNING"):
+        got = {int(b["source_id"][i]): {k: v[i].numpy() for k, v in b.items()}
+               for b in input_pipeline.build_dataset(cfg, 2, stats=stats)
+               for i in range(len(b["source_id"]))}
     assert sorted(got) == [0] + list(range(2, last + 1)) and stats.skipped() == 1
+    # Label 7 (last record) dropped; the zero-height box dropped; the inverted box
+    # (record 0) and the box reaching outside (last record) fixed.
+    assert (stats.labels_dropped(), stats.boxes_dropped(), stats.boxes_fixed()) == (1, 1, 2)
+    dropped = sorted(r.getMessage() for r in caplog.records
+                     if "dropped objects of" in r.getMessage())
+    assert len(dropped) == 2
+    assert "0.jpg (source_id 0): 1 box(es) non-finite or thinner than 1 px" in dropped[0]
+    assert f"{last}.jpg (source_id {last}): class id(s) [7] outside the label map" in dropped[1]
     # Record 0: inverted box reordered, zero-height box dropped.
     np.testing.assert_allclose(got[0]["gt_boxes"][:2],
                                np.array([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.9]]) * [H, W, H, W],
@@ -212,6 +249,41 @@ def test_tfrecord_with_bad_records_is_cleaned_and_skipped(tmp_path):
     assert result.report.get(rpt.BOXES_FIXED, validation.REASON_INVERTED) == 1
     assert result.report.get(rpt.BOXES_DROPPED, validation.REASON_DEGENERATE) == 1
     assert result.report.get(rpt.OBJECTS_SKIPPED, validation.reason_unknown_label(7)) == 1
+
+
+@pytest.mark.parametrize("is_training", [False, True])
+def test_strict_label_map_fails_on_a_tfrecord_label_past_the_checked_records(tmp_path,
+                                                                              is_training):
+    """With strict_label_map, a label outside the label map in a record check_files does
+    not inspect stops the pipeline with an error naming the record and the label (it is
+    not skipped like a decode failure); the same records with known labels pass."""
+    path = str(tmp_path / "foreign.tfrecord")
+    last = tfrecord.INSPECTED_RECORDS
+    cfg = DataConfig(format="tfrecord", path=path, is_training=is_training, short_side=H,
+                     max_side=W, class_names=["cat", "dog"], strict_label_map=True)
+    _write_dirty_foreign(path, last_labels=(1, 2))
+    batches = input_pipeline.build_dataset(cfg, 1).take(2 * last)
+    assert sum(len(b["source_id"]) for b in batches) == (2 * last if is_training else last)
+    _write_dirty_foreign(path)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{last}\.jpg \(source_id {last}\) has class id\(s\) \[7\] "
+                             r"outside the label map \(ids 1\.\.2: cat, dog\)"):
+        for _ in input_pipeline.build_dataset(cfg, 1).take(2 * last):
+            pass
+
+
+def test_a_tfrecord_whose_first_image_is_corrupt_is_read(tmp_path):
+    """check_files accepts a file when any record it inspects decodes; the corrupt first
+    one is skipped (and counted) by the pipeline."""
+    path = str(tmp_path / "first_bad.tfrecord")
+    _write_foreign(path, [(b"\xff\xd8\xff truncated", [[0.1, 0.1, 0.5, 0.5]], [1])] + [
+        (image_bytes(H, W, "JPEG", seed=i), [[0.1, 0.1, 0.5, 0.5]], [1]) for i in range(1, 4)])
+    stats = input_pipeline.PipelineStats()
+    cfg = DataConfig(format="tfrecord", path=path, is_training=False, short_side=H, max_side=W,
+                     class_names=["cat"])
+    ids = [int(s) for b in input_pipeline.build_dataset(cfg, 2, stats=stats)
+           for s in b["source_id"]]
+    assert sorted(ids) == [1, 2, 3] and stats.skipped() == 1
 
 
 def _train_on_broken_split(dirty_voc, start_batch):

@@ -155,25 +155,40 @@ def test_label_map_of_reads_no_image(coco_set):
 
 def test_malformed_ids_are_counted_and_skipped(coco_set, tmp_path):
     """A list or dict (or any non-integer) as an annotation's id, image_id or
-    category_id, or as an image id, is skipped and counted, not a TypeError."""
+    category_id, or as an image id, and a file_name that is not a string, are skipped
+    and counted, not a TypeError; numbers beyond a float's range (1e400 reads as
+    infinity, a 400-digit integer cannot be a float) are malformed values, not an
+    OverflowError: an unknown image size, a dropped box, a missing area."""
     _, images, data = coco_set
     dirty = json.loads(json.dumps(data))
-    dirty["images"].append({"id": [14], "file_name": "11.jpg"})
+    huge = 10 ** 400
+    dirty["images"] += [
+        {"id": [14], "file_name": "11.jpg"},
+        {"id": 15, "file_name": 5},
+        {"id": 16, "file_name": ["11.jpg"]},
+        {"id": 17, "file_name": "11.jpg", "height": "HEIGHT", "width": W},
+    ]
     dirty["annotations"] += [
         {"id": [8], "image_id": 12, "category_id": 3, "bbox": [1, 1, 5, 5]},
         {"id": 9, "image_id": {"id": 12}, "category_id": 3, "bbox": [1, 1, 5, 5]},
         {"id": 10, "image_id": 12, "category_id": [3], "bbox": [1, 1, 5, 5]},
         {"id": 11, "image_id": "12", "category_id": 3, "bbox": [1, 1, 5, 5]},
         {"id": 12, "image_id": 12, "category_id": True, "bbox": [1, 1, 5, 5]},
+        {"id": 13, "image_id": 13, "category_id": 7, "bbox": [1, 1, huge, 5]},
+        {"id": 14, "image_id": 13, "category_id": 7, "bbox": [2, 3, 10, 20], "area": huge},
     ]
     path = tmp_path / "malformed.json"
-    path.write_text(json.dumps(dirty))
+    path.write_text(json.dumps(dirty).replace('"HEIGHT"', "1e400"))
     for strict in (False, True):
         records, _, report = coco.read_coco(str(path), images, strict=strict)
-        assert sorted(r.source_id for r in records) == [11, 12, 13]
+        assert sorted(r.source_id for r in records) == [11, 12, 13, 17]
         assert report.get(rpt.OBJECTS_SKIPPED, coco.REASON_BAD_ANNOTATION_ID) == 5
-        assert report.get(rpt.IMAGES_SKIPPED, coco.REASON_BAD_IMAGE_ENTRY) == 1
-        assert {r.source_id: r.num_boxes for r in records} == {11: 2, 12: 1, 13: 0}
+        assert report.get(rpt.IMAGES_SKIPPED, coco.REASON_BAD_IMAGE_ENTRY) == 3
+        assert report.get(rpt.BOXES_DROPPED, validation.REASON_MALFORMED) == 1
+        by_id = {r.source_id: r for r in records}
+        assert {i: r.num_boxes for i, r in by_id.items()} == {11: 2, 12: 1, 13: 1, 17: 0}
+        assert (by_id[17].height, by_id[17].width) == (H, W)
+        np.testing.assert_allclose(by_id[13].areas, [10 * 20])
 
 
 @pytest.fixture(scope="module")

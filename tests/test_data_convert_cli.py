@@ -61,3 +61,12 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     proc = _run("--format=voc", f"--input={tmp_path / 'nowhere'}", f"--output_dir={tmp_path}")
     assert proc.returncode != 0
     assert "VOC dataset root not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_integer_image_size_is_a_usage_error(tmp_path):
+    out = tmp_path / "records"
+    proc = _run("--format=synthetic", f"--output_dir={out}", "--image_size=abc,64",
+                "--noprogress")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--image_size must be two integers height,width; got 'abc,64'" in proc.stderr
+    assert not out.exists()

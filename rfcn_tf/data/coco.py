@@ -8,7 +8,10 @@ kept with is_crowd set: the training pipeline drops them, evaluation uses them.
 small/medium/large split) is kept with each object; where it is missing or not
 a finite number >= 0, the box's area is used. Ids (image id, annotation id,
 image_id, category_id) must be JSON integers: an annotation with another id is
-skipped and counted.
+skipped and counted, and so is an image entry with another id or without a
+non-empty string file_name. A height/width that is not a finite number (JSON's
+1e400 reads as infinity) is unknown: the image's own size is used. A bbox with
+a value a float cannot hold is malformed (the box is dropped and counted).
 
 Class ids: with a label map, categories are matched BY NAME to its ids; without
 one, the label map is the categories sorted by COCO id, renumbered 1..C
@@ -28,7 +31,7 @@ from rfcn_tf.data.label_map import LabelMap
 from rfcn_tf.data.records import DataError, ImageRecord
 
 REASON_DUPLICATE_IMAGE = "duplicate image id"
-REASON_BAD_IMAGE_ENTRY = "image entry without an integer id or a file_name"
+REASON_BAD_IMAGE_ENTRY = "image entry without an integer id or a non-empty string file_name"
 REASON_DUPLICATE_ANNOTATION = "duplicate annotation id"
 REASON_UNKNOWN_IMAGE = "annotation of an unknown image id"
 REASON_UNKNOWN_CATEGORY = "annotation of an unknown category id"
@@ -84,18 +87,22 @@ def _is_id(value) -> bool:
 
 
 def _area(value) -> Optional[float]:
-    """An annotation's area when it is a number, else None (ImageRecord uses the box's
-    area for None, and for a number that is not finite and >= 0)."""
+    """An annotation's area when it is a number a float can hold, else None (ImageRecord
+    uses the box's area for None, and for a number that is not finite and >= 0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond 1.8e308
+        return None
 
 
 def _size(value) -> int:
-    """An image entry's height/width as an int; 0 (unknown) when missing or not a number."""
+    """An image entry's height/width as an int; 0 (unknown) when missing or not a finite
+    number (JSON's 1e400 reads as infinity)."""
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
 
 
@@ -104,7 +111,7 @@ def _box(bbox) -> Optional[List[float]]:
         return None
     try:
         x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return [y, x, y + h, x + w]
 
@@ -124,7 +131,7 @@ def read_coco(annotation_file: str, image_dir: str, label_map: Optional[LabelMap
     for entry in data["images"]:
         report.add(rpt.IMAGES_READ, "image entries in the JSON")
         if (not isinstance(entry, dict) or not _is_id(entry.get("id"))
-                or not entry.get("file_name")):
+                or not isinstance(entry.get("file_name"), str) or not entry["file_name"]):
             report.add(rpt.IMAGES_SKIPPED, REASON_BAD_IMAGE_ENTRY, example=str(entry)[:60])
             continue
         if entry["id"] in images:

@@ -56,6 +56,16 @@ def _label_map():
     return read_label_map(FLAGS.label_map) if FLAGS.label_map else None
 
 
+def _image_size():
+    """--image_size as [height, width] ints; app.UsageError naming the flag otherwise (the
+    generator checks the values)."""
+    try:
+        return [int(v) for v in FLAGS.image_size]
+    except ValueError:
+        raise app.UsageError(f"--image_size must be two integers height,width; got "
+                             f"{','.join(FLAGS.image_size)!r}") from None
+
+
 def _convert(split: str, label_map):
     common = dict(output_dir=FLAGS.output_dir, num_shards=FLAGS.num_shards,
                   label_map=label_map, strict=FLAGS.strict_label_map,
@@ -73,7 +83,7 @@ def main(argv):
     label_map = _label_map()
     if FLAGS.format == "synthetic":
         FLAGS.input = FLAGS.input or os.path.join(FLAGS.output_dir, "voc")
-        size = [int(v) for v in FLAGS.image_size]
+        size = _image_size()
         classes = tuple(label_map.names) if label_map else synthetic.DEFAULT_CLASSES
         summary = synthetic.generate(FLAGS.input, FLAGS.num_images, size, FLAGS.seed, "voc",
                                      classes)

@@ -48,7 +48,14 @@ sources/validation). Whatever still fails to read, parse or decode in the
 graph is skipped (the decode step alone ignores errors), logged twice as a
 warning: by tf.data with the error, then by this module with the image path
 (or a TFRecord's filename and source id), and counted when a PipelineStats is
-passed in.
+passed in. Boxes are then cleaned (preprocess.sanitize_boxes; only TFRecords from
+other producers need it): objects with a class id outside the label map and
+unusable boxes are dropped, broken corners fixed; a PipelineStats counts each
+case, and an image with a dropped object is logged as a warning naming it (the
+first MAX_DROP_WARNINGS of each dataset). With `strict_label_map`, a class id
+outside the label map instead fails the pipeline there: InvalidArgumentError
+("assertion failed: [...]") naming the image (filename and source id), the ids
+and the label map. This step is past the decode step, so the error is not skipped.
 
 Randomness is stateless: each element gets its own seed from a
 tf.data.Dataset.random stream, seeded with `seed` (+ the input pipeline id)
@@ -62,6 +69,7 @@ the first pass: roughly H*W*3 bytes per image (0.9 MB for 640x480).
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -70,22 +78,36 @@ from absl import logging
 
 from rfcn_tf.configs import DataConfig
 from rfcn_tf.data import augment, preprocess, sources, tfrecord
+from rfcn_tf.data.label_map import LabelMap
 from rfcn_tf.data.records import DataError
 
 _CYCLE_LENGTH = 16
 _READ_BUFFER_BYTES = 1 << 20
 _DECODE_FAILURE = "rfcn_tf input pipeline: skipped an element that failed to read or decode: "
 _NOT_AN_EXAMPLE = "a record that is not a tf.Example"
+_DROPPED_OBJECTS = "rfcn_tf input pipeline: dropped objects of "
+# Images with dropped objects logged per dataset (PipelineStats counts all of them).
+MAX_DROP_WARNINGS = 10
+# preprocess.SanitizedBoxes masks that PipelineStats counts.
+_OBJECT_COUNTS = ("bad_label", "dropped_box", "fixed_box")
 
 
 class PipelineStats:
-    """Counters of the in-graph decode step, shared by the datasets built with it.
+    """Counters of the in-graph steps, shared by the datasets built with it.
 
-    Create it OUTSIDE any tf.distribute strategy scope (it owns two plain
-    int64 variables on the CPU) and pass it to build_dataset. `skipped()` is
-    the number of elements whose parse/decode failed; it is exact whenever no
-    element is in flight (e.g. after a finite dataset has been exhausted) and
-    may be behind by the prefetch depth while iterating.
+    Create it OUTSIDE any tf.distribute strategy scope (it owns plain int64
+    variables on the CPU) and pass it to build_dataset.
+    Decode step: `attempted()` elements, `decoded()` of them, `skipped()` the
+    number whose parse/decode failed.
+    Box cleaning (preprocess.sanitize_boxes, on every decoded element; it only
+    changes TFRecords from other producers): `labels_dropped()` objects whose
+    class id is outside the label map, `boxes_dropped()` objects of a known
+    class whose box is non-finite or thinner than 1 pixel once repaired,
+    `boxes_fixed()` kept boxes whose corners were swapped or clipped.
+    Every pass counts again (a training epoch counts its elements anew). The
+    counts are exact whenever no element is in flight (e.g. after a finite
+    dataset has been exhausted) and may be behind by the prefetch depth while
+    iterating.
     """
 
     def __init__(self):
@@ -93,6 +115,8 @@ class PipelineStats:
             self._attempted = tf.Variable(0, dtype=tf.int64, trainable=False,
                                           name="decode_attempted")
             self._decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="decoded")
+            self._objects = {key: tf.Variable(0, dtype=tf.int64, trainable=False, name=key)
+                             for key in _OBJECT_COUNTS}
 
     def attempted(self) -> int:
         return int(self._attempted.numpy())
@@ -103,6 +127,15 @@ class PipelineStats:
     def skipped(self) -> int:
         return self.attempted() - self.decoded()
 
+    def labels_dropped(self) -> int:
+        return int(self._objects["bad_label"].numpy())
+
+    def boxes_dropped(self) -> int:
+        return int(self._objects["dropped_box"].numpy())
+
+    def boxes_fixed(self) -> int:
+        return int(self._objects["fixed_box"].numpy())
+
     def count_attempt(self, element):
         with tf.control_dependencies([self._attempted.assign_add(1)]):
             return tf.nest.map_structure(tf.identity, element)
@@ -110,6 +143,12 @@ class PipelineStats:
     def count_decoded(self, element):
         with tf.control_dependencies([self._decoded.assign_add(1)]):
             return tf.nest.map_structure(tf.identity, element)
+
+    def count_objects(self, sanitized: preprocess.SanitizedBoxes) -> List[tf.Operation]:
+        """The updates adding one element's dropped labels, dropped and fixed boxes."""
+        return [self._objects[key].assign_add(
+                    tf.reduce_sum(tf.cast(getattr(sanitized, key), tf.int64)))
+                for key in _OBJECT_COUNTS]
 
 
 def _records_table(records) -> dict:
@@ -248,11 +287,78 @@ def _stored_order(source, cfg: DataConfig, num_pipelines: int,
     return _records_dataset(source.records).shard(num_pipelines, pipeline_id)
 
 
-def _preprocess_step(cfg: DataConfig, num_classes: int):
-    """Augment, resize, normalize, pad and format one decoded element (pure TF)."""
+def _element_name(element) -> tf.Tensor:
+    """"<filename> (source_id <id>)" of a decoded element, for logs and errors."""
+    return tf.strings.join([element["filename"], " (source_id ",
+                            tf.strings.as_string(element["source_id"]), ")"])
+
+
+def _dropped_objects_warner():
+    """A py_function body (name, bad class ids, number of dropped boxes) -> True that
+    logs a warning for each of the first MAX_DROP_WARNINGS calls (one dataset's first
+    images with dropped objects) and does nothing after that."""
+    calls = itertools.count()  # next() is atomic: parallel map calls may overlap
+
+    def warn(name: tf.Tensor, bad_labels: tf.Tensor, num_boxes: tf.Tensor) -> bool:
+        if next(calls) >= MAX_DROP_WARNINGS:
+            return True
+        labels = sorted(set(bad_labels.numpy().tolist()))
+        problems = [f"class id(s) {labels} outside the label map"] if labels else []
+        if num_boxes.numpy():
+            problems.append(f"{int(num_boxes.numpy())} box(es) non-finite or thinner than "
+                            f"{preprocess.MIN_BOX_SIZE:g} px")
+        logging.warning("%s%s: %s (the first %d images with dropped objects of a dataset are "
+                        "logged; a PipelineStats counts all)", _DROPPED_OBJECTS,
+                        name.numpy().decode("utf-8", "replace"), "; ".join(problems),
+                        MAX_DROP_WARNINGS)
+        return True
+    return warn
+
+
+def _check_strict_labels(element, bad_labels: tf.Tensor, label_map: LabelMap) -> tf.Tensor:
+    """True when `bad_labels` is empty; else fails (InvalidArgumentError, "assertion
+    failed: [...]") naming the element, its class ids outside `label_map` and the map."""
+    def fail():
+        message = tf.strings.join([
+            "rfcn_tf input pipeline: ", _element_name(element), " has class id(s) ",
+            tf.strings.format("{}", bad_labels, summarize=-1),
+            f" outside the label map (ids 1..{label_map.num_classes}: "
+            f"{', '.join(label_map.names)}) and strict_label_map is true"])
+        with tf.control_dependencies([tf.debugging.Assert(tf.size(bad_labels) == 0,
+                                                          [message])]):
+            return tf.constant(True)
+    return tf.cond(tf.size(bad_labels) > 0, fail, lambda: tf.constant(True))
+
+
+def _object_accounting(element, classes: tf.Tensor, sanitized: preprocess.SanitizedBoxes,
+                       strict: bool, label_map: LabelMap, stats: Optional[PipelineStats],
+                       warn) -> list:
+    """Ops accounting for the objects preprocess.sanitize_boxes drops or fixes in one
+    element: counted in `stats`; with `strict`, a class id outside `label_map` fails the
+    pipeline (_check_strict_labels); an element with a dropped object is passed to `warn`
+    (a _dropped_objects_warner; Python is entered only for such elements)."""
+    bad_labels = tf.boolean_mask(classes, sanitized.bad_label)
+    num_boxes = tf.reduce_sum(tf.cast(sanitized.dropped_box, tf.int32))
+    ops = stats.count_objects(sanitized) if stats is not None else []
+    checked = [_check_strict_labels(element, bad_labels, label_map)] if strict else []
+
+    def log():
+        logged = tf.py_function(warn, [_element_name(element), bad_labels, num_boxes], tf.bool)
+        logged.set_shape([])
+        return logged
+    with tf.control_dependencies(checked):
+        ops.append(tf.cond(tf.size(bad_labels) + num_boxes > 0, log,
+                           lambda: tf.constant(True)))
+    return ops
+
+
+def _preprocess_step(cfg: DataConfig, label_map: LabelMap, stats: Optional[PipelineStats]):
+    """Clean the boxes (accounted for by _object_accounting), augment, resize, normalize,
+    pad and format one decoded element (TF ops; Python only to log dropped objects)."""
     training = cfg.is_training
     fixed_hw = list(cfg.padded_size) or None
     multiscale = list(cfg.multiscale_short_sides) if training else []
+    warn = _dropped_objects_warner()
 
     def run(element, seed):
         image = element["image"]
@@ -260,7 +366,13 @@ def _preprocess_step(cfg: DataConfig, num_classes: int):
         boxes = tf.ensure_shape(element["boxes"], [None, 4])
         classes = tf.cast(element["classes"], tf.int32)
         difficult, is_crowd = element["difficult"], element["is_crowd"]
-        boxes, keep = preprocess.sanitize_boxes(boxes, classes, original_hw, num_classes)
+        sanitized = preprocess.sanitize_boxes(boxes, classes, original_hw,
+                                              label_map.num_classes)
+        with tf.control_dependencies(_object_accounting(element, classes, sanitized,
+                                                        cfg.strict_label_map, label_map,
+                                                        stats, warn)):
+            boxes = tf.identity(sanitized.boxes)
+        keep = sanitized.keep
         area = preprocess.object_areas(element["area"], boxes, original_hw)
         if training:
             keep &= tf.logical_not(is_crowd)
@@ -464,7 +576,7 @@ def build_dataset(data_config: DataConfig, batch_size: int,
     seeds = tf.data.Dataset.random(
         seed=(cfg.seed * 1_000_003 + pipeline_id) if deterministic else None).skip(skip)
     ds = tf.data.Dataset.zip((ds, seeds))
-    ds = ds.map(_preprocess_step(cfg, source.label_map.num_classes),
+    ds = ds.map(_preprocess_step(cfg, source.label_map, stats),
                 num_parallel_calls=parallel, deterministic=deterministic)
     ds = ds.padded_batch(batch_size, drop_remainder=cfg.is_training)
     ds = ds.prefetch(tf.data.AUTOTUNE)

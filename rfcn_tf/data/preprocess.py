@@ -9,7 +9,7 @@ scaled / original per axis, offsets always 0 here (no cropping).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 from official.vision.ops import box_ops, preprocess_ops
@@ -80,9 +80,29 @@ def pad(image: tf.Tensor, multiple: int, fixed_hw: Optional[Sequence[int]] = Non
     return tf.pad(image, [[0, target[0] - hw[0]], [0, target[1] - hw[1]], [0, 0]])
 
 
+class SanitizedBoxes(NamedTuple):
+    """What `sanitize_boxes` returns; the masks are bool [N], one per object.
+
+    boxes: float32 [N, 4], repaired (finite, corners ordered, clipped to [0, 1]).
+    keep: the class is in [1, num_classes] and the repaired box is valid.
+    bad_label: the class is outside [1, num_classes] (the object is dropped).
+    dropped_box: a known class, but the box is non-finite, or thinner than
+      MIN_BOX_SIZE pixels once repaired (zero area and entirely outside included).
+    fixed_box: kept, and its corners were swapped or clipped.
+    The class is judged first, as validation.clean_image does: bad_label,
+    dropped_box and fixed_box are disjoint.
+    """
+
+    boxes: tf.Tensor
+    keep: tf.Tensor
+    bad_label: tf.Tensor
+    dropped_box: tf.Tensor
+    fixed_box: tf.Tensor
+
+
 def sanitize_boxes(boxes: tf.Tensor, classes: tf.Tensor, image_hw: tf.Tensor,
-                   num_classes: int) -> tf.Tensor:
-    """Repairs normalized boxes and returns (boxes, keep mask).
+                   num_classes: int) -> SanitizedBoxes:
+    """Repairs normalized boxes and says which objects to keep, drop or count as fixed.
 
     Corners are ordered, coordinates clipped to [0, 1]; a box is kept when it is
     finite, at least MIN_BOX_SIZE pixels on each side of the original image, and
@@ -92,15 +112,20 @@ def sanitize_boxes(boxes: tf.Tensor, classes: tf.Tensor, image_hw: tf.Tensor,
     finite = tf.reduce_all(tf.math.is_finite(boxes), axis=-1)
     boxes = tf.where(finite[:, None], boxes, tf.zeros_like(boxes))
     ymin, xmin, ymax, xmax = tf.unstack(boxes, num=4, axis=-1)
-    boxes = tf.clip_by_value(tf.stack([tf.minimum(ymin, ymax), tf.minimum(xmin, xmax),
-                                       tf.maximum(ymin, ymax), tf.maximum(xmin, xmax)], -1),
-                             0.0, 1.0)
+    swapped = (ymin > ymax) | (xmin > xmax)
+    ordered = tf.stack([tf.minimum(ymin, ymax), tf.minimum(xmin, xmax),
+                        tf.maximum(ymin, ymax), tf.maximum(xmin, xmax)], -1)
+    repaired = tf.clip_by_value(ordered, 0.0, 1.0)
+    clipped = tf.reduce_any(tf.not_equal(repaired, ordered), axis=-1)
     hw = tf.cast(image_hw, tf.float32)
-    heights = (boxes[:, 2] - boxes[:, 0]) * hw[0]
-    widths = (boxes[:, 3] - boxes[:, 1]) * hw[1]
-    keep = (finite & (heights >= MIN_BOX_SIZE) & (widths >= MIN_BOX_SIZE)
-            & (classes >= 1) & (classes <= num_classes))
-    return boxes, keep
+    heights = (repaired[:, 2] - repaired[:, 0]) * hw[0]
+    widths = (repaired[:, 3] - repaired[:, 1]) * hw[1]
+    valid_box = finite & (heights >= MIN_BOX_SIZE) & (widths >= MIN_BOX_SIZE)
+    known = (classes >= 1) & (classes <= num_classes)
+    keep = known & valid_box
+    return SanitizedBoxes(boxes=repaired, keep=keep, bad_label=tf.logical_not(known),
+                          dropped_box=known & tf.logical_not(valid_box),
+                          fixed_box=keep & (swapped | clipped))
 
 
 def object_areas(areas: tf.Tensor, boxes: tf.Tensor, image_hw: tf.Tensor) -> tf.Tensor:

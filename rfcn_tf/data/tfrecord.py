@@ -15,7 +15,8 @@ other producers are tolerated: per-object lists of unequal length are cut to
 the shortest box/label list, missing difficult/is_crowd read as 0, a missing
 area as -1 (the pipeline then uses the box's area). `check_files` rejects,
 up front, files whose first records have no labels, per-object lists of
-different lengths or labels outside the label map.
+different lengths or labels outside the label map, and data none of whose
+inspected images decodes.
 
 Source ids (`source_id_to_int`): a decimal string below 9 * 10^18 (at most 18
 digits, or 19 starting with 1-8) is its value; any other string (or an empty
@@ -191,6 +192,15 @@ def _object_problem(example: tf.train.Example, num_classes: int) -> Optional[str
     return None
 
 
+def _decodes(raw: bytes) -> bool:
+    """Whether a serialized record parses and its image decodes."""
+    try:
+        tf.io.decode_image(parse_example(raw)["encoded"], channels=3, expand_animations=False)
+    except tf.errors.OpError:
+        return False
+    return True
+
+
 def check_files(files: List[str], num_classes: int) -> None:
     """Reads the first INSPECTED_RECORDS records of each file (bounded work).
 
@@ -199,11 +209,12 @@ def check_files(files: List[str], num_classes: int) -> None:
     an inspected record has boxes without `image/object/class/label` (e.g. only
     class/text), per-object lists of different lengths (boxes, labels, and each
     of class/text, difficult, is_crowd, area that is present), or a label
-    outside [1, num_classes] (e.g. 0-based labels); and when no file's first
-    image decodes. Records further in, and bad images, are left to the
-    pipeline, which cleans boxes and labels in the graph and skips what fails.
+    outside [1, num_classes] (e.g. 0-based labels); and when no inspected
+    record of any file has an image that decodes. Records further in, and bad
+    images, are left to the pipeline, which cleans boxes and labels in the graph
+    and skips what fails.
     """
-    decodable = nonempty = 0
+    decodable, nonempty = False, 0
     for path in files:
         try:
             raws = [r.numpy() for r in tf.data.TFRecordDataset(path).take(INSPECTED_RECORDS)]
@@ -213,7 +224,7 @@ def check_files(files: List[str], num_classes: int) -> None:
             continue
         nonempty += 1
         try:
-            parsed = parse_example(raws[0])
+            parse_example(raws[0])
         except tf.errors.OpError as e:
             raise DataError(f"{path}: the first record is not a tf.Example with the TF Object "
                             f"Detection API keys ({e.message.splitlines()[0]})") from e
@@ -224,16 +235,12 @@ def check_files(files: List[str], num_classes: int) -> None:
                 problem = f"not a tf.Example ({e})"
             if problem:
                 raise DataError(f"{path} record {index}: {problem}")
-        try:
-            tf.io.decode_image(parsed["encoded"], channels=3, expand_animations=False)
-            decodable += 1
-        except tf.errors.OpError:
-            continue
+        decodable = decodable or any(_decodes(raw) for raw in raws)
     if not nonempty:
         raise DataError(f"all {len(files)} TFRecord file(s) are empty ({files[0]}, ...)")
     if not decodable:
-        raise DataError(f"no image decodes in the first record of any of {len(files)} TFRecord "
-                        f"file(s) ({files[0]}, ...)")
+        raise DataError(f"no image decodes in the first {INSPECTED_RECORDS} records of any of "
+                        f"{len(files)} TFRecord file(s) ({files[0]}, ...)")
 
 
 def records_over(files: List[str], max_objects: int) -> List[Tuple[int, str]]:

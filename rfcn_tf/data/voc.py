@@ -49,9 +49,11 @@ def _text(node, tag: str, default: str = "") -> str:
 
 
 def _int_or_zero(text: str) -> int:
+    """The integer part of a number written as `text`; 0 when it is not a finite number
+    (malformed, "nan", "inf", or too large for a float such as "1e999")."""
     try:
         return int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         return 0
 
 
