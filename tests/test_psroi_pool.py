@@ -98,6 +98,30 @@ def test_forward_matches_reference(impl, k, scale):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_forward_and_gradient_on_random_shapes(impl, k):
+    # N, H, W, D and the scale drawn at random (seeded), not just the RoIs.
+    rng = np.random.default_rng(100 + k)
+    for _ in range(3):
+        num_images, height, width = rng.integers(2, 5), rng.integers(1, 24), rng.integers(1, 24)
+        depth, scale = rng.integers(1, 5), float(rng.choice([1.0, 0.5, 1.0 / 16]))
+        maps = rng.normal(size=(num_images, height, width, k * k * depth)).astype(np.float32)
+        rois = make_rois(rng, num_images, height / scale, width / scale, num_random=15)
+        upstream = rng.normal(size=(len(rois), k, k, depth)).astype(np.float32)
+        maps_tensor = tf.constant(maps)
+        with tf.GradientTape() as tape:
+            tape.watch(maps_tensor)
+            out = psroi(maps_tensor, rois, k, scale, impl)
+        grad = tape.gradient(out, maps_tensor, output_gradients=upstream)
+        shape = (num_images, height, width, depth)
+        np.testing.assert_allclose(out.numpy(), psroi_pool_forward(maps, rois, k, scale),
+                                   rtol=1e-5, atol=1e-5, err_msg=f"forward, {shape}")
+        np.testing.assert_allclose(
+            grad.numpy(), psroi_pool_backward(upstream, rois, maps.shape, k, scale),
+            rtol=1e-5, atol=1e-5, err_msg=f"gradient, {shape}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("k, scale", [(7, 1.0 / 16), (3, 1.0 / 16), (7, 1.0), (6, 0.1)])
 def test_exact_bin_edges_in_tf_function(impl, k, scale):
     # Graph optimizers must not turn size / k into size * (1/k): with the reciprocal,
@@ -238,6 +262,8 @@ BAD_INPUTS = {
     "coordinate_inf": ((1, 4, 4, 9), [[0, 0, 0, np.inf, 2]], 3, 1.0, "non-finite"),
     "coordinate_nan": ((1, 4, 4, 9), [[0, np.nan, 0, 2, 2]], 3, 1.0, "non-finite"),
     "group_size_zero": ((1, 4, 4, 9), [[0, 0, 0, 2, 2]], 0, 1.0, "group_size"),
+    # 46341**2 > 2**31 - 1: the number of groups would overflow int32.
+    "group_size_too_large": ((1, 4, 4, 0), [[0, 0, 0, 2, 2]], 46341, 1.0, "group_size"),
     "spatial_scale_zero": ((1, 4, 4, 9), [[0, 0, 0, 2, 2]], 3, 0.0, "spatial_scale"),
     "spatial_scale_negative": ((1, 4, 4, 9), [[0, 0, 0, 2, 2]], 3, -0.5, "spatial_scale"),
     "spatial_scale_nan": ((1, 4, 4, 9), [[0, 0, 0, 2, 2]], 3, float("nan"), "spatial_scale"),
@@ -270,6 +296,19 @@ def test_bad_input_raises_invalid_argument(case, mode, impl):
 def test_unsupported_dtype_raises_invalid_argument(impl):
     with pytest.raises(tf.errors.InvalidArgumentError, match="float32 or float16"):
         psroi(tf.zeros([1, 4, 4, 9], tf.int32), [[0, 0, 0, 1, 1]], 3, 1.0, impl)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function_unknown_shapes"])
+def test_portable_refuses_a_table_beyond_int32_indices(mode):
+    # D = 0 keeps the maps empty while N*(H+1)*(W+1)*k*k = 2 * 5001 * 5001 * 49 > 2**31:
+    # the portable twin's int32 table indices would wrap around.
+    maps = tf.zeros([2, 5000, 5000, 0])
+    rois = tf.constant([[0, 0, 0, 2, 2]], tf.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="too large for the portable"):
+        _run_bad(mode, "portable", maps, rois, 7, 1.0)
+    # Just under the limit the same call pools (to an empty [1, 7, 7, 0]).
+    small = tf.zeros([1, 6000, 6000, 0])  # 6001**2 * 49 = 1.76e9 < 2**31
+    assert psroi(small, rois, 7, 1.0, "portable").shape == (1, 7, 7, 0)
 
 
 def test_unknown_implementation_raises_value_error():
@@ -510,20 +549,36 @@ def test_portable_converts_to_tflite_builtins():
 
 @needs_custom
 def test_library_loads_in_fresh_process():
-    # Hand-computed: a 2x2 map, k = 1, one RoI over all of it -> the mean of 1..4.
+    # Hand-computed: a 2x2 map, k = 1, one RoI over all of it -> the mean of 1..4. With
+    # no visible GPU (CUDA_VISIBLE_DEVICES=""; the CI machines have neither GPU nor
+    # driver), so a library with CUDA kernels must still load and run its CPU kernel.
     script = textwrap.dedent(f"""
         import tensorflow as tf
+        from tensorflow.python.framework import kernels
         lib = tf.load_op_library({op_library.library_path()!r})
         maps = tf.reshape(tf.constant([1.0, 2.0, 3.0, 4.0]), [1, 2, 2, 1])
         out = lib.rfcn_ps_roi_pool(maps, [[0.0, 0.0, 0.0, 1.0, 1.0]], group_size=1,
                                    spatial_scale=1.0)
         print("RESULT", out.numpy().ravel().tolist())
+        for op in ("RfcnPsRoiPool", "RfcnPsRoiPoolGrad"):
+            devices = sorted({{k.device_type for k in
+                               kernels.get_registered_kernels_for_op(op).kernel}})
+            print("KERNELS", op, ",".join(devices))
         """)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "RESULT [2.5]" in result.stdout
+    # RFCN_TF_CUDA=1 (set by CI) forced the CUDA build: this library must be the one
+    # with GPU kernels, so the load above proved it runs without a GPU.
+    expected = "CPU,GPU" if os.environ.get("RFCN_TF_CUDA") == "1" else None
+    for op in ("RfcnPsRoiPool", "RfcnPsRoiPoolGrad"):
+        line = next(l for l in result.stdout.splitlines() if l.startswith(f"KERNELS {op} "))
+        devices = line.split()[-1]
+        assert devices in ("CPU", "CPU,GPU"), line
+        if expected:
+            assert devices == expected, (line, "RFCN_TF_CUDA=1 but no GPU kernel registered")
 
 
 @pytest.mark.parametrize("method", ["matmul", "cumsum"])

@@ -18,6 +18,12 @@ from rfcn_tf.ops.psroi_pool_portable import psroi_pool_portable
 IMPLEMENTATIONS = ("auto", "custom", "portable")
 SUPPORTED_DTYPES = (tf.float32, tf.float16)
 
+# group_size**2 (the number of position-sensitive groups) must fit in an int32, like the
+# compiled op's int32 attr and channel count.
+MAX_GROUP_SIZE = math.isqrt(2**31 - 1)  # 46340
+# The portable twin addresses its summed-area table with int32 indices.
+MAX_PORTABLE_TABLE_ROWS = 2**31 - 1
+
 _logged_fallbacks = set()
 _gpu_kernel_problem = None  # cached result of _custom_gpu_kernel_problem; "" when fine
 
@@ -30,8 +36,9 @@ def _check_attrs(group_size, spatial_scale):
     """Returns (group_size, spatial_scale) as (int, float) or raises InvalidArgumentError."""
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise _invalid(f"group_size must be an integer >= 1, got {group_size!r}")
-    if group_size < 1:
-        raise _invalid(f"group_size must be >= 1, got {group_size}")
+    if not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise _invalid(f"group_size must be in [1, {MAX_GROUP_SIZE}] (group_size**2 must fit "
+                       f"in int32), got {group_size}")
     if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, numbers.Real):
         raise _invalid(f"spatial_scale must be a number > 0, got {spatial_scale!r}")
     as_float32 = np.float32(spatial_scale)
@@ -71,7 +78,8 @@ def _check_static_shapes(score_maps, rois, group_size):
 def _checked_inputs(score_maps, rois, group_size):
     """Adds run-time checks for what the static shapes could not settle.
 
-    Used by the portable path (the compiled kernel checks the same itself). Returns
+    Used by the portable path (the compiled kernel checks the same itself, except the
+    size of the summed-area table, which only the portable twin builds). Returns
     score_maps and rois that depend on the checks, so no computation can run (and fail
     with a less clear message) before them. TFLite conversion drops the Assert ops.
     """
@@ -92,10 +100,17 @@ def _checked_inputs(score_maps, rois, group_size):
                            tf.reduce_all(tf.equal(tf.shape(rois)[1:], 5))),
             ["psroi_pool: rois must have shape [R, 5], got", tf.shape(rois)]))
     with tf.control_dependencies(shape_checks):
+        shape = tf.shape(score_maps, out_type=tf.int64)
+        table_rows = shape[0] * (shape[1] + 1) * (shape[2] + 1) * groups
+        table_fits = tf.debugging.Assert(
+            table_rows <= MAX_PORTABLE_TABLE_ROWS,
+            ["psroi_pool: score_maps too large for the portable implementation: "
+             "N*(H+1)*(W+1)*group_size**2 must be < 2**31 (its table indices are int32), "
+             "got", table_rows])
         finite = tf.debugging.Assert(
             tf.reduce_all(tf.math.is_finite(rois)),
             ["psroi_pool: rois has a non-finite (inf or NaN) coordinate or batch index"])
-    with tf.control_dependencies([finite]):
+    with tf.control_dependencies([table_fits, finite]):
         batch = tf.identity(rois[:, 0])
         num_images = tf.shape(score_maps)[0]
         value_checks = [
@@ -216,7 +231,8 @@ def psroi_pool(score_maps, rois, *, group_size, spatial_scale, implementation="a
     Raises:
       tf.errors.InvalidArgumentError: channels not a multiple of k*k, rois not [R, 5],
         a batch index that is not an integer in [0, N), a non-finite RoI value,
-        group_size < 1, spatial_scale <= 0, or an unsupported dtype. Shapes known when
+        group_size outside [1, 46340], spatial_scale <= 0, an unsupported dtype, or
+        (portable only) maps with N*(H+1)*(W+1)*k*k >= 2**31. Shapes known when
         tracing are checked at once; the rest when the op runs, eagerly or in a
         tf.function.
       tf.errors.UnimplementedError: the gradient of the compiled op on a GPU while op
