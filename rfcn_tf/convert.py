@@ -19,7 +19,9 @@ onnx: tf2onnx, dynamic [B, H, W, 3] unless --input_size; checked here with
   onnxruntime on one image. The route to TensorRT (trtexec), see docs/deployment.md.
 tftrt: TF-TRT (FP32/FP16); fails at once where TensorFlow has no TensorRT (all pip
   wheels since 2.18), pointing to the ONNX route.
-Exit status 1 with a one-line error for anything that cannot be converted.
+Exit status 1 with a one-line error for anything that cannot be converted, a
+--saved_model that cannot be loaded (no saved_model.pb, a corrupt or empty one, missing
+variables) included.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 from absl import app, flags, logging
 
 from rfcn_tf import configs
-from rfcn_tf.data.records import DataError
-from rfcn_tf.export import require_flags, tflite
+from rfcn_tf.export import error_line, require_flags, tflite
 
 FORMATS = ("tflite", "onnx", "tftrt")
 
@@ -113,6 +114,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     require_flags("format", "saved_model", "output")
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from rfcn_tf.export import tftrt  # pylint: disable=import-outside-toplevel
     try:
         if FLAGS.format == "tftrt":
@@ -121,10 +123,12 @@ def main(argv):
             raise tflite.ConversionError(f"{FLAGS.saved_model} is not a SavedModel directory "
                                          "(no saved_model.pb); give export_dir/<version>")
         {"tflite": run_tflite, "onnx": run_onnx, "tftrt": run_tftrt}[FLAGS.format]()
-    except (tflite.ConversionError, tftrt.TfTrtUnavailableError, ImportError,
-            FileNotFoundError, configs.ConfigError, DataError) as error:
+    except (ValueError, OSError, tf.errors.OpError, tftrt.TfTrtUnavailableError,
+            ImportError) as error:
+        # ValueError: ConversionError, ConfigError, DataError, InvalidSavedModelError and
+        # tf.saved_model.load's; OSError: missing or unreadable files.
         logging.error("%s", error)
-        sys.exit(f"rfcn_tf.convert: error: {error}")
+        sys.exit(f"rfcn_tf.convert: error: {error_line(error)}")
 
 
 if __name__ == "__main__":

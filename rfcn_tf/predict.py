@@ -8,9 +8,13 @@ For each image, output_dir gets <name>.png (boxes, class names and scores drawn)
 score, box normalised and in pixels). Works on both export flavours: a custom-op
 export loads the compiled PSRoIPool library first (where it cannot be loaded, exit
 status 1 with a one-line error saying why and suggesting a --psroi_impl=portable
-re-export). --images takes globs, comma separated. Images that cannot be decoded are
-skipped and counted; the command ends by saying what it wrote and what it skipped (exit
-status 1 when nothing could be done).
+re-export). A --saved_model that cannot be loaded (no saved_model.pb, a corrupt or empty
+one, missing variables) is also a one-line error with exit status 1. --images takes
+globs, comma separated. Images that cannot be read or decoded, or that the model
+refuses (its in-graph checks: e.g. over its pixel limit, or a WebP sent to a signature
+taking encoded JPEG/PNG/GIF/BMP bytes), are skipped and counted; the command ends by
+saying what it wrote and what it skipped, with each reason (exit status 1 when nothing
+could be done).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import os
 import sys
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
+import tensorflow as tf
 from absl import app, flags
 
-from rfcn_tf.export import predictor, require_flags
+from rfcn_tf.export import error_line, graph_ops, predictor, require_flags
 from rfcn_tf.ops import op_library
 
 FLAGS = flags.FLAGS
@@ -43,8 +48,7 @@ def main(argv):
     if not paths:
         sys.exit(f"rfcn_tf.predict: error: no files match --images={FLAGS.images!r}")
     try:
-        result = predictor.predict_files(FLAGS.saved_model, paths, FLAGS.output_dir,
-                                         FLAGS.min_score_thresh)
+        detector = predictor.load_detector(FLAGS.saved_model)
     except op_library.OpLibraryUnavailableError as error:
         # The library's reason, with advice for this command instead of its build /
         # Python API advice.
@@ -53,11 +57,19 @@ def main(argv):
                  "Re-export the model with --psroi_impl=portable (stock TensorFlow ops only), "
                  "or build the op library (pip install --no-build-isolation -e . in the "
                  "repository).")
+    except graph_ops.InvalidSavedModelError as error:  # its message names the directory
+        sys.exit(f"rfcn_tf.predict: error: {error}")
+    except (ValueError, OSError, tf.errors.OpError) as error:  # tf.saved_model.load's
+        # errors (e.g. missing variables), unreadable assets
+        sys.exit(f"rfcn_tf.predict: error: cannot load the SavedModel {FLAGS.saved_model}: "
+                 f"{error_line(error)}")
+    result = predictor.predict_files(detector, paths, FLAGS.output_dir, FLAGS.min_score_thresh)
     written, skipped = result["written"], result["skipped"]
     print(f"\nWrote {len(written)} PNG + JSON pairs to {os.path.abspath(FLAGS.output_dir)} "
           f"({result['detections']} detections with score >= {FLAGS.min_score_thresh}).")
     if skipped:
-        print(f"Skipped {len(skipped)} file(s) that could not be decoded:")
+        print(f"Skipped {len(skipped)} file(s) that could not be read or decoded, or that "
+              "the model refused:")
         for path, reason in skipped.items():
             print(f"  {path}: {reason}")
     if not written:

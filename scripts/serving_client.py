@@ -18,9 +18,10 @@ itself when it is one of the three types):
                                large);
   tf_example                   a tf.train.Example with image/encoded.
 The response's detections (TF OD API outputs) are printed and drawn into --output.
-Failures (an unreadable --image, an unreachable server, an error answered by the server:
-the gRPC status code and details, or the HTTP status and the server's message) end with
-one line `serving_client: error: ...` on stderr and exit status 1.
+Failures (an unreadable --image or --label_map, both read before the request is sent;
+an unreachable server; an error answered by the server: the gRPC status code and
+details, or the HTTP status and the server's message; an --output that cannot be
+written) end with one line `serving_client: error: ...` on stderr and exit status 1.
 The request builders and response parsers are plain functions, tested against the
 SavedModel signature directly (tests/test_export_serving_client.py): no model server
 runs in this repository's tests.
@@ -173,11 +174,45 @@ def send_grpc(server: str, request, timeout: float = 60.0):
 
 
 def _class_names(label_map: Optional[str]) -> Dict[int, str]:
+    """id -> name of a label map file ({} when none is given). Raises DataError (a
+    ValueError) for a missing or malformed file, ValueError naming the file for one that
+    is not UTF-8 text."""
     if not label_map:
         return {}
     from rfcn_tf.data.label_map import read_label_map  # pylint: disable=import-outside-toplevel
-    parsed = read_label_map(label_map)
+    try:
+        parsed = read_label_map(label_map)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"label map {label_map} is not a text file ({error})") from None
     return {i: parsed.name_of(i) for i in parsed.ids}
+
+
+def _predict(args, image_bytes: bytes, input_type: str) -> Dict[str, np.ndarray]:
+    """The server's detections for the image, over args.protocol."""
+    if args.protocol == "rest":
+        url = rest_url(args.server or "localhost:8501", args.model_name, args.model_version)
+        return parse_rest_response(send_rest(
+            url, build_rest_request(image_bytes, input_type, args.signature_name),
+            args.timeout))
+    request = build_grpc_request(image_bytes, input_type, args.model_name,
+                                 args.signature_name, args.model_version)
+    return parse_grpc_response(send_grpc(args.server or "localhost:8500", request,
+                                         args.timeout))
+
+
+def _report(image_bytes: bytes, outputs: Dict[str, np.ndarray], class_names: Dict[int, str],
+            min_score: float, output: Optional[str]) -> None:
+    """Prints the detection records (score >= min_score) as JSON and, given `output`,
+    draws them on the image into that file (its format from its extension)."""
+    from rfcn_tf.export import drawing  # pylint: disable=import-outside-toplevel
+    pixels = decode_pixels(image_bytes)
+    records = drawing.detection_records(outputs, pixels.shape[0], pixels.shape[1],
+                                        class_names, min_score)
+    print(json.dumps(records, indent=2))
+    if output:
+        from PIL import Image  # pylint: disable=import-outside-toplevel
+        Image.fromarray(drawing.draw_detections(pixels, records)).save(output)
+        print(f"Wrote {output} ({len(records)} detections drawn)")
 
 
 def main(argv=None) -> int:
@@ -198,34 +233,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     input_type = args.input_type or default_input_type(args.signature_name)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rfcn_tf
     try:
+        class_names = _class_names(args.label_map)  # before the request: fail fast
         with open(args.image, "rb") as f:
             image_bytes = f.read()
-        if args.protocol == "rest":
-            url = rest_url(args.server or "localhost:8501", args.model_name, args.model_version)
-            outputs = parse_rest_response(send_rest(
-                url, build_rest_request(image_bytes, input_type, args.signature_name),
-                args.timeout))
-        else:
-            request = build_grpc_request(image_bytes, input_type, args.model_name,
-                                         args.signature_name, args.model_version)
-            outputs = parse_grpc_response(send_grpc(args.server or "localhost:8500", request,
-                                                    args.timeout))
-    except (OSError, RuntimeError) as error:  # unreadable image, unreachable server,
-        # timeouts, errors answered by the server
+        outputs = _predict(args, image_bytes, input_type)
+        _report(image_bytes, outputs, class_names, args.min_score_thresh, args.output)
+    except (OSError, RuntimeError, ValueError) as error:  # unreadable image or label map
+        # (DataError is a ValueError), unreachable server, timeouts, errors answered by the
+        # server, an --output that cannot be written
         print(f"serving_client: error: {_one_line(str(error))}", file=sys.stderr)
         return 1
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from rfcn_tf.export import drawing  # pylint: disable=import-outside-toplevel
-    pixels = decode_pixels(image_bytes)
-    records = drawing.detection_records(outputs, pixels.shape[0], pixels.shape[1],
-                                        _class_names(args.label_map), args.min_score_thresh)
-    print(json.dumps(records, indent=2))
-    if args.output:
-        from PIL import Image  # pylint: disable=import-outside-toplevel
-        Image.fromarray(drawing.draw_detections(pixels, records)).save(args.output)
-        print(f"Wrote {args.output} ({len(records)} detections drawn)")
     return 0
 
 

@@ -1,10 +1,10 @@
-"""A tiny detector overfitted to one synthetic image, and its SavedModel export, shared
+"""A tiny detector overfitted to one synthetic image, and its SavedModel exports, shared
 by the deployment tests (tests/test_export_*.py, test_tflite.py, test_onnx.py,
-test_predict.py).
+test_tftrt.py, test_predict.py).
 
 The expensive objects are built once per pytest process (module-level cache), whichever
 test file asks first; the session fixtures of each test file call `trained()` /
-`exported()`.
+`exported()` / `exported_single_signature()`.
 
 The scene: a 128 x 128 grey, lightly textured image with one red rectangle (class 1,
 "square") and one blue rectangle (class 2, "bar"). 200 Adam steps (learning rate 1e-3) on it make the
@@ -128,6 +128,20 @@ def exported(base_dir: str):
             detector, config, os.path.join(base_dir, "export"), version=1,
             class_names=CLASS_NAMES)
     return _CACHE["exported"]
+
+
+def exported_single_signature(base_dir: str, input_type: str) -> str:
+    """Path of a portable SavedModel of `trained()` whose only signature is serving_default
+    taking `input_type` (export.extra_signatures false: what an export for strings-only
+    clients has); written under base_dir once per process and input type."""
+    key = f"exported_{input_type}"
+    if key not in _CACHE:
+        from rfcn_tf.export import saved_model  # pylint: disable=import-outside-toplevel
+        config, detector = trained()
+        _CACHE[key] = saved_model.export_detector(
+            detector, config, os.path.join(base_dir, f"export_{input_type}"), version=1,
+            input_type=input_type, class_names=CLASS_NAMES, extra_signatures=False)
+    return _CACHE[key]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

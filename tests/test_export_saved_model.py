@@ -122,10 +122,18 @@ from tensorflow.python.client import pywrap_tf_session as c
 ops = op_def_pb2.OpList()
 ops.ParseFromString(c.TF_GetBuffer(c.TF_GetAllOpList()))
 loaded = tf.saved_model.load(sys.argv[1])
-out = loaded.signatures["serving_default"](input_tensor=tf.constant(np.load(sys.argv[2])))
+images = np.load(sys.argv[2])
+png = tf.io.encode_png(images[0]).numpy()
+example = tf.train.Example(features=tf.train.Features(feature={
+    "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}))
+feeds = {"serving_default": images, "image_tensor": images,
+         "encoded_image_string_tensor": [png], "tf_example": [example.SerializeToString()]}
+outputs = {name: {k: v.numpy().tolist() for k, v in
+                  loaded.signatures[name](input_tensor=tf.constant(feed)).items()}
+           for name, feed in feeds.items()}
 print(json.dumps({"rfcn_tf_imported": any(m.startswith("rfcn_tf") for m in sys.modules),
                   "registered_ops": sorted(o.name for o in ops.op),
-                  "outputs": {k: v.numpy().tolist() for k, v in out.items()}}))
+                  "signatures": sorted(loaded.signatures), "outputs": outputs}))
 """
 
 
@@ -144,9 +152,14 @@ def fresh_process(export_path, tmp_path_factory):
 
 
 def test_fresh_process_without_rfcn_tf_gives_the_same_detections(fresh_process, reference):
+    """All four signatures, called in a Python that never imported rfcn_tf (the scene as
+    pixels, PNG bytes and a tf.Example holding them), give the in-process detections."""
     assert not fresh_process["rfcn_tf_imported"]
-    assert_same_detections({k: np.array(v) for k, v in fresh_process["outputs"].items()},
-                           reference)
+    assert fresh_process["signatures"] == sorted(["serving_default", *inputs.INPUT_TYPES])
+    assert sorted(fresh_process["outputs"]) == fresh_process["signatures"]
+    for name, outputs in fresh_process["outputs"].items():
+        assert sorted(outputs) == sorted(saved_model.OUTPUT_KEYS), name
+        assert_same_detections({k: np.array(v) for k, v in outputs.items()}, reference)
 
 
 def test_portable_export_uses_only_stock_tensorflow_ops(fresh_process, export_path):

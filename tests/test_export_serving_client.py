@@ -1,8 +1,8 @@
 """scripts/serving_client.py: the REST and gRPC requests it builds, fed to the SavedModel
 signatures the way TF Serving feeds them, give the model's detections, and its
 response parsers read TF Serving's answer formats back; unreachable servers, refused
-requests and non-JSON answers are one-line errors. No model server runs here (the error
-tests answer from a local stand-in)."""
+requests, non-JSON answers, unreadable label maps and unwritable outputs are one-line
+errors. No model server runs here (the command tests answer from a local stand-in)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from concurrent import futures
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import export_fixtures as ef
 import rfcn_tf  # noqa: F401
@@ -213,3 +214,90 @@ def test_non_json_rest_error_is_a_clean_error_with_status_and_body(tmp_path, ima
     line = error_line(capsys)
     assert "HTTP 502" in line and "<html><body>502 Bad Gateway" in line
     assert "TAIL" not in line  # the body is cut to its first 200 characters
+
+
+class DetectionsHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with one detection of class 1 (score 0.9) in TF Serving's REST
+    format, counting the requests in the class attribute `requests`."""
+    requests = 0
+    ANSWER = json.dumps({"predictions": [{
+        "detection_boxes": [[0.25, 0.25, 0.75, 0.75]], "detection_scores": [0.9],
+        "detection_classes": [1.0], "num_detections": 1.0}]}).encode()
+
+    def do_POST(self):  # pylint: disable=invalid-name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).requests += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.ANSWER)))
+        self.end_headers()
+        self.wfile.write(self.ANSWER)
+
+    def log_message(self, *args):  # pylint: disable=arguments-differ
+        pass
+
+
+@pytest.fixture()
+def detections_server():
+    """(port, handler class) of a local stand-in that answers every request with
+    DetectionsHandler.ANSWER."""
+    handler = type("Handler", (DetectionsHandler,), {"requests": 0})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port, handler
+    server.shutdown()
+    server.server_close()
+
+
+def run_client(port, image, *options):
+    return client.main(["--protocol=rest", f"--server=127.0.0.1:{port}",
+                        "--signature_name=encoded_image_string_tensor", f"--image={image}",
+                        "--timeout=10", *options])
+
+
+@pytest.fixture()
+def scene_file(tmp_path, image_file_bytes):
+    image = tmp_path / "scene.png"
+    image.write_bytes(image_file_bytes)
+    return image
+
+
+def test_answer_is_printed_named_and_drawn(detections_server, scene_file, tmp_path, capsys):
+    from rfcn_tf.data.label_map import LabelMap  # pylint: disable=import-outside-toplevel
+    port, handler = detections_server
+    label_map = LabelMap.from_names(ef.CLASS_NAMES).write(str(tmp_path / "label_map.pbtxt"))
+    code = run_client(port, scene_file, f"--label_map={label_map}",
+                      f"--output={tmp_path / 'drawn.png'}")
+    out = capsys.readouterr().out
+    assert code == 0 and handler.requests == 1
+    records = json.loads(out[:out.index("\nWrote ")])
+    assert [(r["class_id"], r["class_name"], r["score"]) for r in records] == [
+        (1, "square", pytest.approx(0.9))]
+    assert records[0]["box_pixels"] == {"ymin": 32, "xmin": 32, "ymax": 96, "xmax": 96}
+    drawn = np.asarray(Image.open(tmp_path / "drawn.png").convert("RGB"))
+    assert drawn.shape == (ef.IMAGE_SIZE, ef.IMAGE_SIZE, 3)
+    assert (drawn != ef.scene()).any()
+
+
+@pytest.mark.parametrize("label_map, message", [
+    pytest.param("missing.pbtxt", "label map file not found: {path}", id="missing"),
+    pytest.param("scene.png", "label map {path} is not a text file", id="not_text"),
+])
+def test_unreadable_label_map_is_a_clean_error_before_the_request(
+        detections_server, scene_file, tmp_path, capsys, label_map, message):
+    port, handler = detections_server
+    code = run_client(port, scene_file, f"--label_map={tmp_path / label_map}")
+    assert code == 1
+    assert message.format(path=tmp_path / label_map) in error_line(capsys)
+    assert handler.requests == 0  # refused before anything was sent
+
+
+def test_unwritable_output_is_a_clean_error(detections_server, scene_file, tmp_path, capsys):
+    port, handler = detections_server
+    output = tmp_path / "no_such_dir" / "drawn.png"
+    code = run_client(port, scene_file, f"--output={output}")
+    assert code == 1 and handler.requests == 1
+    # The detections were printed before the drawing failed; the error is the last line.
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"serving_client: error: [Errno 2] No such file or directory: '{output}'"]

@@ -1,5 +1,7 @@
 """`rfcn_tf.predict`: per-image JSON and drawn PNG; on the model overfitted to the synthetic
-scene the drawn box pixels are where the detection (and the object) is."""
+scene the drawn box pixels are where the detection (and the object) is. Exports whose only
+signature takes strings (encoded images, tf.Examples) work too, and a file the model
+refuses is skipped with the refusal's own message."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def predicted(export_path, tmp_path_factory):
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     out = tmp_path_factory.mktemp("predictions")
     paths = predictor.list_images(f"{images}/*.png,{images}/*.jpg")
-    return predictor.predict_files(export_path, paths, str(out), min_score=0.5,
-                                   show_progress=False), out, images
+    return predictor.predict_files(predictor.load_detector(export_path), paths, str(out),
+                                   min_score=0.5, show_progress=False), out, images
 
 
 def test_writes_json_and_png_and_skips_undecodable_files(predicted):
@@ -84,6 +86,7 @@ def test_drawn_box_pixels_are_where_the_detection_is(predicted):
 def test_predict_command(export_path, tmp_path):
     Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
     Image.fromarray(ef.scene(6)).save(tmp_path / "b.jpg", quality=95)
+    (tmp_path / "notes.png").write_text("not an image")
     result = subprocess.run(
         [sys.executable, "-m", "rfcn_tf.predict", f"--saved_model={export_path}",
          f"--images={tmp_path}/*.png,{tmp_path}/*.jpg", f"--output_dir={tmp_path / 'out'}"],
@@ -92,7 +95,40 @@ def test_predict_command(export_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Wrote 2 PNG + JSON pairs" in result.stdout
     assert sorted(os.listdir(tmp_path / "out")) == ["a.json", "a.png", "b.json", "b.png"]
+    # The skip is listed with the decoder's message, without TensorFlow's op decoration.
+    assert result.stdout.strip().splitlines()[-2:] == [
+        "Skipped 1 file(s) that could not be read or decoded, or that the model refused:",
+        f"  {tmp_path / 'notes.png'}: Unknown image file format. One of JPEG, PNG, GIF, BMP, "
+        "WebP required."]
     assert predictor.list_images(f"{tmp_path}/*.gif") == []  # the command exits 1 then
+
+
+# The graph's refusal of bytes that are not a JPEG, PNG, GIF or BMP file (rfcn_tf.export.
+# inputs.decode_checked), followed by their first 8 bytes in hex.
+NOT_AN_IMAGE_REFUSAL = ("assertion failed: [input_tensor holds bytes that are not a JPEG, "
+                        "PNG, GIF or BMP image (undecodable); their first bytes (hex) are] ")
+
+
+@pytest.mark.parametrize("input_type", ["encoded_image_string_tensor", "tf_example"])
+def test_a_string_input_export_detects_and_names_what_it_refuses(tmp_path_factory, tmp_path,
+                                                                 input_type):
+    """serving_default taking strings is fed the file's bytes (as they are, or in a
+    tf.Example): the scene gets the image signature's detections; a WebP, which the
+    predictor can decode but the export's signature refuses, is skipped with the graph's
+    assertion message (not TensorFlow's "Graph execution error:" header)."""
+    path = ef.exported_single_signature(str(tmp_path_factory.mktemp("export")), input_type)
+    Image.fromarray(ef.scene()).save(tmp_path / "scene.png")
+    Image.fromarray(ef.scene()).save(tmp_path / "scene.webp", lossless=True)
+    out = tmp_path / "out"
+    result = predictor.predict_files(
+        predictor.load_detector(path), predictor.list_images(f"{tmp_path}/scene.*"), str(out),
+        min_score=0.5, show_progress=False)
+    assert result["written"] == [str(out / "scene.json")]
+    detections = json.loads((out / "scene.json").read_text())["detections"]
+    assert sorted(d["class_name"] for d in detections) == ["bar", "square"]
+    reason = result["skipped"][str(tmp_path / "scene.webp")]
+    assert reason.startswith(NOT_AN_IMAGE_REFUSAL + "[52 49 46 46 "), reason  # "RIFF"
+    assert list(result["skipped"]) == [str(tmp_path / "scene.webp")]
 
 
 def test_a_custom_op_export_without_the_op_library_is_a_one_line_error(tmp_path):

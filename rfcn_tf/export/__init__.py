@@ -13,7 +13,15 @@ Commands: `python -m rfcn_tf.export`, `python -m rfcn_tf.convert`,
 `python -m rfcn_tf.predict`. See docs/serving.md and docs/deployment.md.
 """
 
+import re
+
 from absl import app, flags
+
+# Lines of a TensorFlow runtime error that are context, not its message.
+_TF_CONTEXT_LINE = re.compile(r'Graph execution error:$|Detected at node |<stack traces '
+                              r'unavailable>$|File "|\[\[')
+# An eager op error's "{{function_node ...}} " prefix and " [Op:Name]" / " name: x" suffix.
+_TF_OP_DECORATION = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]( name: \S*)?$")
 
 
 def require_flags(*names: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -26,3 +34,19 @@ def require_flags(*names: str, flag_values: flags.FlagValues = flags.FLAGS) -> N
     for name in names:
         if not getattr(flag_values, name):
             raise app.UsageError(f"--{name} is required")
+
+
+def error_line(error: BaseException) -> str:
+    """The one line of `error`'s message that says what went wrong, for one-line command
+    errors and skip reasons.
+
+    That is the first non-empty line (stripped) that is not the context TensorFlow wraps a
+    runtime error in ("Graph execution error:", "Detected at node ...", stack frames
+    'File "..."', "<stack traces unavailable>", "[[{{node ...}}]]"); for an in-graph
+    assertion it is "assertion failed: [message] [values]". An eager op's
+    "{{function_node ...}}" prefix and " [Op:...]" suffix are removed. "" for an empty
+    message; the whole message stripped when every line is context.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not _TF_CONTEXT_LINE.match(line)]
+    return _TF_OP_DECORATION.sub("", kept[0]) if kept else " ".join(lines)

@@ -7,9 +7,8 @@ r"""`python -m rfcn_tf.export`: a training checkpoint -> SavedModel for TF Servi
       [--params_override=...]
   python -m rfcn_tf.export --model_dir=runs/bccd        # its config.yaml, best or latest
 
-writes export_dir/<version>/ (see rfcn_tf.export.saved_model). `python -m
-rfcn_tf.export.saved_model` is the same command. Exit status 1 with a one-line error
-for a bad config, checkpoint or option.
+writes export_dir/<version>/ (see rfcn_tf.export.saved_model). Exit status 1 with a
+one-line error for a bad config, checkpoint or option.
 """
 
 from __future__ import annotations

@@ -3,11 +3,8 @@
 `saved_model_op_types` reads saved_model.pb as a protobuf (nothing is loaded or run):
 the op of every node of every MetaGraph's graph and of every function in its library
 (the bodies of tf.function, while_loop and map_fn included). Calls of library
-functions by name are not ops and are left out.
-
-`registered_op_names` lists the ops registered in this process (TF_GetAllOpList). In a
-process that never loaded rfcn_tf's op library that is stock TensorFlow, which is what
-TF Serving, TFLite's converter and tf2onnx understand.
+functions by name are not ops and are left out. A saved_model.pb that is not a
+SavedModel protobuf (corrupt, truncated, empty) raises InvalidSavedModelError.
 """
 
 from __future__ import annotations
@@ -18,8 +15,15 @@ from typing import Iterable, Set
 CUSTOM_OP_PREFIX = "RfcnPsRoiPool"
 
 
+class InvalidSavedModelError(ValueError):
+    """A saved_model.pb that is not a SavedModel; the message names the directory."""
+
+
 def saved_model_op_types(saved_model_dir: str) -> Set[str]:
-    """Op type names used anywhere in saved_model_dir/saved_model.pb."""
+    """Op type names used anywhere in saved_model_dir/saved_model.pb. Raises
+    FileNotFoundError when there is no saved_model.pb, InvalidSavedModelError when it
+    cannot be parsed as a SavedModel or holds no MetaGraph (e.g. an empty file)."""
+    from google.protobuf import message  # pylint: disable=import-outside-toplevel
     from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
     path = os.path.join(saved_model_dir, "saved_model.pb")
     if not os.path.isfile(path):
@@ -27,7 +31,17 @@ def saved_model_op_types(saved_model_dir: str) -> Set[str]:
                                 "(no saved_model.pb)")
     proto = saved_model_pb2.SavedModel()
     with open(path, "rb") as f:
-        proto.ParseFromString(f.read())
+        data = f.read()
+    try:
+        proto.ParseFromString(data)
+    except message.DecodeError as error:
+        raise InvalidSavedModelError(
+            f"{saved_model_dir} is not a valid SavedModel: its saved_model.pb cannot be "
+            f"parsed ({error}); re-export it") from None
+    if not proto.meta_graphs:
+        raise InvalidSavedModelError(f"{saved_model_dir} is not a valid SavedModel: its "
+                                     "saved_model.pb holds no MetaGraph (an empty file?); "
+                                     "re-export it")
     ops: Set[str] = set()
     functions: Set[str] = set()
     for meta_graph in proto.meta_graphs:
@@ -37,15 +51,6 @@ def saved_model_op_types(saved_model_dir: str) -> Set[str]:
         for function in library.function:
             ops.update(node.op for node in function.node_def)
     return ops - functions
-
-
-def registered_op_names() -> Set[str]:
-    """Names of all ops registered in this process's TensorFlow."""
-    from tensorflow.core.framework import op_def_pb2  # pylint: disable=import-outside-toplevel
-    from tensorflow.python.client import pywrap_tf_session  # pylint: disable=import-outside-toplevel
-    op_list = op_def_pb2.OpList()
-    op_list.ParseFromString(pywrap_tf_session.TF_GetBuffer(pywrap_tf_session.TF_GetAllOpList()))
-    return {op.name for op in op_list.op}
 
 
 def custom_ops(op_types: Iterable[str]) -> Set[str]:

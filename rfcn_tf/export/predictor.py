@@ -3,7 +3,7 @@
 
 A custom-op export loads the compiled PSRoIPool library first; the export's uint8
 image signature is used when it has one, else its serving_default with whatever
-input type it takes.
+input type it takes. `load_detector` loads an export, `predict_files` runs it on files.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from rfcn_tf.export import drawing, graph_ops
+from rfcn_tf.export import drawing, error_line, graph_ops
 from rfcn_tf.export import saved_model as saved_model_lib
 
 
@@ -32,13 +32,22 @@ def list_images(patterns: str) -> List[str]:
     return sorted(paths)
 
 
-def load_detector(saved_model_dir: str) -> Tuple[Callable[[bytes], Tuple[np.ndarray, Dict]],
-                                                 Dict[int, str]]:
-    """(detect, class names). detect(file bytes) -> (uint8 image [H, W, 3], outputs as
-    NumPy arrays with a batch axis). Uses the export's uint8 image signature when it has
-    one, else its serving_default whatever its input type. A custom-op export needs
+# (detect, class names): detect(file bytes) -> (uint8 image [H, W, 3], outputs as NumPy
+# arrays with a batch axis); class names by label-map id.
+Detector = Tuple[Callable[[bytes], Tuple[np.ndarray, Dict[str, np.ndarray]]], Dict[int, str]]
+
+
+def load_detector(saved_model_dir: str) -> Detector:
+    """(detect, class names) of an export. Uses the export's uint8 image signature when it
+    has one, else its serving_default whatever its input type. A custom-op export needs
     the compiled op library, loaded here: raises op_library.OpLibraryUnavailableError
-    when it cannot be (its message says how to build it)."""
+    when it cannot be (its message says how to build it). A directory that cannot be
+    loaded raises FileNotFoundError (no saved_model.pb), graph_ops.InvalidSavedModelError
+    (saved_model.pb is not a SavedModel), or what tf.saved_model.load and the asset
+    readers raise (ValueError, OSError, tf.errors.OpError, DataError for a bad label map).
+
+    detect raises tf.errors.InvalidArgumentError for bytes that cannot be decoded or that
+    the export's signature refuses (its in-graph checks)."""
     if graph_ops.custom_ops(graph_ops.saved_model_op_types(saved_model_dir)):
         from rfcn_tf.ops import op_library  # pylint: disable=import-outside-toplevel
         op_library.load()
@@ -74,11 +83,14 @@ def _output_stem(path: str, used: set) -> str:
     return candidate
 
 
-def predict_files(saved_model_dir: str, paths: List[str], output_dir: str,
+def predict_files(detector: Detector, paths: List[str], output_dir: str,
                   min_score: float = 0.3, show_progress: bool = True) -> Dict[str, object]:
-    """Writes <stem>.png and <stem>.json per image into output_dir; returns
-    {"written": [json paths], "skipped": {path: reason}, "detections": count}."""
-    detect, class_names = load_detector(saved_model_dir)
+    """Runs `detector` (from load_detector) on the image files and writes <stem>.png and
+    <stem>.json per image into output_dir; returns {"written": [json paths], "skipped":
+    {path: reason}, "detections": count}. A file that cannot be read or decoded, or that
+    the export refuses (e.g. over its pixel limit, or a format its string signature does
+    not take), is skipped, its reason the error's meaningful line (export.error_line)."""
+    detect, class_names = detector
     os.makedirs(output_dir, exist_ok=True)
     written, skipped, total, used = [], {}, 0, set()
     for path in tqdm(paths, desc="predicting", unit="image", disable=not show_progress):
@@ -86,7 +98,7 @@ def predict_files(saved_model_dir: str, paths: List[str], output_dir: str,
             with open(path, "rb") as f:
                 image, outputs = detect(f.read())
         except (OSError, tf.errors.InvalidArgumentError) as error:
-            reason = str(error).strip().splitlines()[0][:200]
+            reason = error_line(error)
             logging.warning("skipping %s: %s", path, reason)
             skipped[path] = reason
             continue

@@ -255,8 +255,3 @@ def read_class_names(saved_model_dir: str) -> Dict[int, str]:
         return {}
     label_map = read_label_map(path)
     return {i: label_map.name_of(i) for i in label_map.ids}
-
-
-if __name__ == "__main__":  # the training job's entry point, kept: same flags as rfcn_tf.export
-    from rfcn_tf.export import cli  # pylint: disable=import-outside-toplevel
-    cli.run()
