@@ -47,6 +47,11 @@ def main(argv):
     paths = predictor.list_images(FLAGS.images)
     if not paths:
         sys.exit(f"rfcn_tf.predict: error: no files match --images={FLAGS.images!r}")
+    try:  # before the model loads: a bad --output_dir fails at once
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"rfcn_tf.predict: error: cannot create --output_dir={FLAGS.output_dir}: "
+                 f"{error.strerror}")
     try:
         detector = predictor.load_detector(FLAGS.saved_model)
     except op_library.OpLibraryUnavailableError as error:

@@ -68,3 +68,10 @@ def test_malformed_label_maps_name_the_problem(text, message):
 def test_missing_file():
     with pytest.raises(DataError, match="not found"):
         read_label_map("/nonexistent/label_map.pbtxt")
+
+
+def test_file_that_is_not_text(tmp_path):
+    path = tmp_path / "label_map.pbtxt"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(DataError, match=f"label map {path} is not UTF-8 text"):
+        read_label_map(str(path))

@@ -122,11 +122,18 @@ def parse_pbtxt(text: str, source: str = "<string>") -> LabelMap:
 
 
 def read_label_map(path: str) -> LabelMap:
-    """Reads a .pbtxt label map, or a .txt with one name per line (blank lines ignored)."""
+    """Reads a .pbtxt label map, or a .txt with one name per line (blank lines ignored).
+
+    Raises DataError naming the file when it is missing, not UTF-8 text, or malformed.
+    """
     if not os.path.isfile(path):
         raise DataError(f"label map file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"label map {path} is not UTF-8 text: {e.reason} at byte {e.start}") \
+            from None
     if path.endswith(".txt"):
         names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
