@@ -18,14 +18,18 @@ A checkpoint is evaluated through the input pipeline in batches of
 eval.batch_size, and also reports the validation loss terms. A SavedModel is
 fed the original images one at a time through its uint8 image signature
 ("image_tensor", else "serving_default"; it resizes them itself); it needs
-eval_data in voc, coco or synthetic format.
+eval_data in voc, coco or synthetic format, whose label map has the classes of
+the export's metadata (assets/rfcn_export.json).
+
+Exit status 1 with a one-line error for a bad config or data, a checkpoint that
+does not fit the configured model, or a SavedModel of other classes.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 import tensorflow as tf
@@ -34,6 +38,7 @@ from absl import app, flags, logging
 from rfcn_tf import configs
 from rfcn_tf.data.records import DataError
 from rfcn_tf.evaluation import report
+from rfcn_tf.export.saved_model import METADATA_ASSET, read_metadata
 from rfcn_tf.training import eval_loop, experiment, loop
 
 FLAGS = flags.FLAGS
@@ -73,8 +78,38 @@ def _takes_uint8_images(signature) -> bool:
     return (len(specs) == 1 and specs[0].dtype == tf.uint8 and specs[0].shape.rank == 4)
 
 
+def _same_class(class_id: int, exported: str, evaluated: str) -> bool:
+    """Whether two names of class `class_id` agree; the placeholder "class_<id>" (a class
+    without a name) agrees with any name."""
+    return exported == evaluated or f"class_{class_id}" in (exported, evaluated)
+
+
+def check_saved_model_classes(saved_model: str, class_names: List[str]) -> None:
+    """Raises ConfigError unless the SavedModel detects the classes 1..C named `class_names`
+    (the eval label map's): its rfcn_tf metadata (assets/rfcn_export.json, "class_names")
+    must have as many classes, with the same name for each id (see _same_class). A
+    SavedModel without that metadata is evaluated unchecked, with a warning."""
+    exported = read_metadata(saved_model).get("class_names")
+    if not exported:
+        logging.warning("SavedModel %s has no class names in assets/%s; its class ids are not "
+                        "checked against the eval_data label map", saved_model, METADATA_ASSET)
+        return
+    if len(exported) != len(class_names) or not all(
+            _same_class(i, a, b) for i, (a, b) in enumerate(zip(exported, class_names), 1)):
+        raise configs.ConfigError(
+            f"SavedModel {saved_model} detects {len(exported)} classes {exported}, but the "
+            f"eval_data label map has {len(class_names)} classes {class_names}; evaluate it on "
+            f"the data it was trained for (--config_file, eval_data.* overrides)")
+
+
 def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
                          keep_detections: bool) -> eval_loop.EvalOutput:
+    """Scores the SavedModel on config.eval_data (module docstring).
+
+    Raises ConfigError for tfrecord eval_data, a SavedModel of other classes
+    (check_saved_model_classes) or without a uint8 image signature, and
+    FileNotFoundError when there is no SavedModel at `saved_model`.
+    """
     from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
     if config.eval_data.format == "tfrecord":
         raise configs.ConfigError("evaluating a SavedModel reads the original images; eval_data "
@@ -83,6 +118,9 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
     if not tf.saved_model.contains_saved_model(saved_model):
         raise FileNotFoundError(f"no SavedModel at {saved_model} (expected saved_model.pb "
                                 f"in that directory, e.g. export_dir/<version>)")
+    source = sources.open_source(config.eval_data)
+    names = [n or f"class_{i}" for i, n in enumerate(source.label_map.names, start=1)]
+    check_saved_model_classes(saved_model, names)
     loaded = tf.saved_model.load(saved_model)
     serve = None
     for key in IMAGE_SIGNATURES:
@@ -94,8 +132,6 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
         raise configs.ConfigError(f"SavedModel {saved_model} has no signature taking uint8 "
                                   f"images [B, H, W, 3] (looked for {list(IMAGE_SIGNATURES)}, "
                                   f"found {list(loaded.signatures)})")
-    source = sources.open_source(config.eval_data)
-    names = [n or f"class_{i}" for i, n in enumerate(source.label_map.names, start=1)]
     metrics = eval_loop.build_metrics(config.eval.metrics, names, config.eval.iou_threshold,
                                       config.model.detection.max_detections)
     input_name = list(serve.structured_input_signature[1])[0]
@@ -129,6 +165,9 @@ def main(argv):
             output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(FLAGS.saved_model))
     except (configs.ConfigError, DataError, FileNotFoundError) as e:
         logging.error("%s", e)
+        # A failed restore leaves TensorFlow objects that warn, when collected at exit,
+        # about every checkpoint value left unrestored (~150 lines after the error).
+        tf.get_logger().setLevel("ERROR")
         sys.exit(f"rfcn_tf.evaluate: error: {e}")
     written = [report.write_eval_results(output.results,
                                          os.path.join(output_dir, loop.EVAL_RESULTS_FILE))]

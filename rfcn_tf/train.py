@@ -11,8 +11,9 @@ train_and_eval  trains, evaluating every train.eval_every_epochs epochs and at
 
 Without --config_file the embedded default (configs/rfcn_synthetic.yaml of
 this repository) is used. The run ends by listing what it wrote and the final
-metrics. Exit status 1 with a one-line error for a bad config, bad data or a
-diverged run.
+metrics. Exit status 1 with a one-line error for a bad config, bad data, a
+model_dir whose checkpoint does not fit the configured model, or a diverged
+run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import sys
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
-
+import tensorflow as tf
 from absl import app, flags, logging
 
 from rfcn_tf import configs
@@ -96,6 +97,9 @@ def main(argv):
             run_train(config, FLAGS.model_dir, evaluate=FLAGS.mode == "train_and_eval")
     except (configs.ConfigError, DataError, loop.TrainingDivergedError, FileNotFoundError) as e:
         logging.error("%s", e)
+        # A failed restore leaves TensorFlow objects that warn, when collected at exit,
+        # about every checkpoint value left unrestored (~150 lines after the error).
+        tf.get_logger().setLevel("ERROR")
         sys.exit(f"rfcn_tf.train: error: {e}")
 
 

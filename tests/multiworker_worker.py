@@ -4,8 +4,11 @@
 
 Trains with rfcn_tf.training.loop.run_training (train.distribution must be
 "multi_worker") and, when training ends, saves this worker's detector
-weights to WEIGHTS_NPZ (trainable ones as "t<i>", the others as "n<i>") and
-its final step as "step" and the strategy's replica count as "replicas".
+weights to WEIGHTS_NPZ (trainable ones as "t<i>", the others as "n<i>"), its
+final step as "step", the strategy's replica count as "replicas", and as
+"replica_batch_sizes" the batch size of the images that each of its replicas'
+train_step got (the static size, known since training batches drop the
+remainder; recorded for each local replica when the step is traced).
 """
 
 import sys
@@ -22,6 +25,16 @@ class SaveWeights(tf_keras.callbacks.Callback):
     def __init__(self, path):
         super().__init__()
         self.path = path
+        self.replica_batch_sizes = []
+
+    def on_train_begin(self, logs=None):
+        # fit() traces its train function at the first step, looking train_step up then.
+        train_step = self.model.train_step
+
+        def recording_train_step(batch):
+            self.replica_batch_sizes.append(batch["images"].shape[0])
+            return train_step(batch)
+        self.model.train_step = recording_train_step
 
     def on_train_end(self, logs=None):
         detector = self.model.detector
@@ -29,6 +42,7 @@ class SaveWeights(tf_keras.callbacks.Callback):
         arrays.update({f"n{i}": v.numpy() for i, v in enumerate(detector.non_trainable_variables)})
         arrays["step"] = np.array(int(self.model.optimizer.iterations.numpy()))
         arrays["replicas"] = np.array(self.model.distribute_strategy.num_replicas_in_sync)
+        arrays["replica_batch_sizes"] = np.array(self.replica_batch_sizes)
         np.savez(self.path, **arrays)
 
 

@@ -80,6 +80,24 @@ def test_override_file_is_accepted(tmp_path):
     assert (config.train.steps, config.train.steps_per_epoch) == (40, 20)
 
 
+def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
+    """As with tf-models-official's loader, 1e-4 (no '.') and 1.5e1 (unsigned exponent) are
+    floats: YAML 1.1 resolvers, plain PyYAML's, read them as strings."""
+    path = tmp_path / "sci.yaml"
+    path.write_text("train:\n  optimizer:\n    weight_decay: 1e-4\n    momentum: 9E-1\n")
+    override = tmp_path / "override.yaml"
+    override.write_text("train:\n  optimizer:\n    clip_norm: 1.5e1\n")
+    config = load_config(str(path), "train.optimizer.learning_rate=2e-3,"
+                                    "model.anchor.scales=[3.2e1, 64]")
+    opt = config.train.optimizer
+    assert (opt.weight_decay, opt.momentum, opt.learning_rate) == (0.0001, 0.9, 0.002)
+    assert config.model.anchor.scales == [32.0, 64.0]
+    assert load_config(str(path), str(override)).train.optimizer.clip_norm == 15.0
+    # Only numbers: text that merely starts like one stays a string.
+    assert load_config(None, "train_data.class_names=[1e, e5, 1e-]").train_data.class_names == [
+        "1e", "e5", "1e-"]
+
+
 @pytest.mark.parametrize("text, fragment", [("train: [1\n", "not valid YAML"),
                                             ("- 1\n- 2\n", "must hold a mapping")])
 def test_bad_override_file_is_a_config_error(tmp_path, text, fragment):
@@ -147,6 +165,29 @@ def test_inconsistent_settings_are_named(override, fragment):
     config = load_config(os.path.join(REPO, "configs", "rfcn_synthetic.yaml"), override)
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         validate_experiment(config, "train_and_eval")
+
+
+@pytest.mark.parametrize("max_detections, refused", [(9, True), (10, False)])
+def test_max_detections_must_suit_the_coco_metric(max_detections, refused):
+    """Evaluation with the COCO metric is refused up front where COCOMetric would refuse
+    max_detections later (COCOeval's maxDets are 1, 10 and it), naming both keys; without
+    COCO (or evaluation) any count is accepted."""
+    from rfcn_tf.evaluation.coco_metric import COCOMetric  # pylint: disable=import-outside-toplevel
+    synthetic = os.path.join(REPO, "configs", "rfcn_synthetic.yaml")
+    config = load_config(synthetic, f"model.detection.max_detections={max_detections}")
+    if refused:
+        with pytest.raises(ValueError, match="max_detections"):
+            COCOMetric(["a"], max_detections=max_detections)
+        with pytest.raises(ConfigError, match=rf"model\.detection\.max_detections={max_detections}"
+                                              rf".*eval\.metrics=\['voc', 'coco'\]"):
+            validate_experiment(config, "eval")
+    else:
+        COCOMetric(["a"], max_detections=max_detections)
+        validate_experiment(config, "eval")
+    validate_experiment(config, "train")
+    voc_only = load_config(synthetic, f"model.detection.max_detections={max_detections},"
+                                      "eval.metrics=[voc],eval.best_metric=voc07_mAP@0.5")
+    validate_experiment(voc_only, "train_and_eval")
 
 
 def test_embedded_default_validates():

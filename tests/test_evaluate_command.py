@@ -1,8 +1,16 @@
 """rfcn_tf.evaluate's input checks (the full command runs in test_training_end_to_end)."""
 
+import json
+import os
+import re
+import sys
+
 import pytest
 
 from rfcn_tf import configs, evaluate
+from rfcn_tf.data.synthetic import DEFAULT_CLASSES as SYNTHETIC_CLASSES
+from training_helpers import (DEFAULT_CONFIG, ensure_synthetic, run, save_tiny_checkpoint,
+                              tiny_override)
 
 
 def test_missing_saved_model_is_a_file_not_found_error(tmp_path):
@@ -59,3 +67,81 @@ def test_image_evaluation_skips_images_tf_cannot_decode(tmp_path, caplog):
     with pytest.raises(DataError, match="none of the 2 evaluation images"):
         eval_loop.run_image_evaluation(serve, [records[0], records[2]], [metric],
                                        show_progress=False)
+
+
+def _last_line(text):
+    return text.strip().splitlines()[-1]
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
+    """A checkpoint whose variables have other shapes than the configured model's (here
+    k = 3 against model.head.group_size=5) ends the command with exit status 1 and, last,
+    one error line naming the checkpoint and the mismatched variable; no traceback."""
+    prefix = save_tiny_checkpoint(tmp_path / "run", tmp_path / "data")
+    override = tiny_override(tmp_path / "data", extra="model.head.group_size=5")
+    result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--checkpoint={prefix}",
+                  f"--config_file={DEFAULT_CONFIG}", f"--params_override={override}"],
+                 timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = _last_line(result.stderr)
+    assert last.startswith(f"rfcn_tf.evaluate: error: checkpoint {prefix} does not match the "
+                           f"configured model"), last
+    assert "incompatible tensor" in last and "rfcn_head" in last, last
+
+
+def test_checkpoint_without_the_models_variables_is_a_config_error(tmp_path):
+    """A checkpoint that lacks the model's variables (here it holds another object's) is a
+    one-line ConfigError naming the checkpoint and the first variables left unmatched."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
+    prefix = tf.train.Checkpoint(other=tf.Variable(1.0)).save(str(tmp_path / "ckpt"))
+    config = configs.load_config(DEFAULT_CONFIG, tiny_override(tmp_path / "data"))
+    with pytest.raises(configs.ConfigError) as raised:
+        loop.restore_detector(config.model, prefix)
+    message = str(raised.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"checkpoint {prefix} does not match the configured model"), message
+    assert re.search(r"not bound to checkpointed values.*\(first: [^ ,]+:0, [^ ,]+:0, [^ ,]+:0\)$",
+                     message), message
+
+
+def _fake_export(path, class_names, detected_class):
+    """A SavedModel with rfcn_tf's uint8 image signature, detecting one box of class
+    `detected_class` in every image, whose assets/rfcn_export.json names `class_names`."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    class Detector(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        def serve(self, input_tensor):
+            batch = tf.shape(input_tensor)[0]
+            return {"detection_boxes": tf.tile([[[0.25, 0.25, 0.75, 0.75]]], [batch, 1, 1]),
+                    "detection_scores": tf.fill([batch, 1], 0.9),
+                    "detection_classes": tf.fill([batch, 1], float(detected_class)),
+                    "num_detections": tf.fill([batch], 1.0)}
+
+    module = Detector()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    os.makedirs(path / "assets", exist_ok=True)
+    with open(path / "assets" / "rfcn_export.json", "w", encoding="utf-8") as f:
+        json.dump({"class_names": class_names}, f)
+    return str(path)
+
+
+def test_saved_model_of_other_classes_is_refused_before_evaluation(tmp_path):
+    """The export's metadata classes must be the eval label map's (ids 1..C, same names;
+    an unnamed "class_<id>" matches any name): a 5-class export would otherwise crash
+    the metric on its class id 5, and one of other names would score the wrong classes."""
+    ensure_synthetic(tmp_path / "data")
+    config = configs.load_config(DEFAULT_CONFIG, tiny_override(tmp_path / "data"))
+    five = _fake_export(tmp_path / "five", [*SYNTHETIC_CLASSES, "star"], detected_class=5)
+    with pytest.raises(configs.ConfigError, match=r"detects 5 classes .*'star'.* label map has 4"):
+        evaluate.evaluate_saved_model(config, five, keep_detections=False)
+    renamed = _fake_export(tmp_path / "renamed", ["ellipse", "square", "triangle", "cross"],
+                           detected_class=1)
+    with pytest.raises(configs.ConfigError, match="'square'"):
+        evaluate.evaluate_saved_model(config, renamed, keep_detections=False)
+    same = _fake_export(tmp_path / "same", ["class_1", *SYNTHETIC_CLASSES[1:]],
+                        detected_class=1)
+    output = evaluate.evaluate_saved_model(config, same, keep_detections=False)
+    assert output.results["num_images"] == 4  # the test split: 1/4 of 16 images

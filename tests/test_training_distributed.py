@@ -17,6 +17,7 @@ from training_helpers import DEFAULT_CONFIG, REPO, ensure_synthetic, python_env,
 pytestmark = pytest.mark.slow
 
 STEPS = 4
+BATCH_SIZE = 1
 
 
 def _free_ports(n):
@@ -64,7 +65,8 @@ def _train_two_workers(model_dir, override, work_dir, timeout=240):
 
 def test_two_workers_end_with_identical_weights(tmp_path):
     ensure_synthetic(tmp_path / "data")
-    override = tiny_override(tmp_path / "data", steps=STEPS, steps_per_epoch=2, batch_size=1,
+    override = tiny_override(tmp_path / "data", steps=STEPS, steps_per_epoch=2,
+                             batch_size=BATCH_SIZE,
                              extra="train.distribution=multi_worker")
     # The ports are free when picked but could be taken by another process before the
     # workers bind them: such an attempt is run again on new ports, in a new model_dir.
@@ -80,6 +82,10 @@ def test_two_workers_end_with_identical_weights(tmp_path):
     second = np.load(tmp_path / "weights1.npz")
     assert int(first["step"]) == int(second["step"]) == STEPS
     assert int(first["replicas"]) == int(second["replicas"]) == 2
+    # train.batch_size is per replica: each replica's step got train.batch_size images.
+    for worker in (first, second):
+        assert worker["replica_batch_sizes"].size and set(
+            worker["replica_batch_sizes"].tolist()) == {BATCH_SIZE}
     assert sorted(first.files) == sorted(second.files)
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
@@ -109,8 +115,7 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
         distribution.build_strategy("parameter_server")
 
 
-def test_default_strategy_batch_is_per_replica():
+def test_default_strategy_is_the_chief_writing_model_dir():
     strategy = distribution.build_strategy("default")
-    assert distribution.global_batch_size(3, strategy) == 3 * strategy.num_replicas_in_sync
     assert distribution.is_chief(strategy)
     assert distribution.write_dir("/x/run", strategy) == "/x/run"

@@ -101,7 +101,7 @@ def _assert_export_detects_like_the_checkpoint(export_path, checkpoint, config_f
     evaluation preprocessing, output for output.
 
     The checkpoint model is run with the export's PSRoI pooling and NMS (read from its
-    metadata: portable, v2): after 6 steps every score is ~0.2 with near-ties all over, so
+    metadata: portable, builtin): after 6 steps every score is ~0.2 with near-ties all over, so
     the model's own batched NMS ranks the tied detections differently (whole boxes apart,
     although each flavour agrees with the other on a trained model, which
     test_export_saved_model.py checks). With the same flavour the two graphs differ only

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from training_helpers import (DEFAULT_CONFIG, ensure_synthetic, python_env, read_train_log,
-                              run, tiny_override, train_command, REPO)
+                              run, save_tiny_checkpoint, tiny_override, train_command, REPO)
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +157,21 @@ def test_a_different_model_in_an_existing_model_dir_is_refused(tmp_path):
         tmp_path / "data", extra="model.head.group_size=5")), timeout=120)
     assert result.returncode != 0
     assert "model.head differ" in result.stderr and "new --model_dir" in result.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    """A model_dir holding a checkpoint of another model but no config.yaml (checkpoints
+    copied alone) is refused when the checkpoint is restored: exit status 1, one error
+    line naming the checkpoint and the mismatched variable, last; no traceback; and
+    config.yaml is not written, so that a run with the right settings can continue."""
+    model_dir = tmp_path / "run"
+    prefix = save_tiny_checkpoint(model_dir, tmp_path / "data")  # k = 3
+    result = run(train_command(str(model_dir), tiny_override(
+        tmp_path / "data", extra="model.head.group_size=5")), timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rfcn_tf.train: error: checkpoint {prefix} does not match the "
+                           f"configured model"), last
+    assert "incompatible tensor" in last and "new --model_dir" in last, last
+    assert not os.path.exists(model_dir / "config.yaml")

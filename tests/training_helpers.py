@@ -71,3 +71,14 @@ def train_in_this_process(config_file, model_dir, override, callback):
     from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
     loop.run_training(configs.load_config(config_file, override), model_dir, evaluate=False,
                       extra_callbacks=[callback])
+
+
+def save_tiny_checkpoint(model_dir, data_dir, extra=""):
+    """Saves model_dir/ckpt-1 (model=detector, as rfcn_tf.evaluate restores it) of the
+    untrained detector of tiny_override(data_dir, extra=extra); returns its prefix."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
+    from rfcn_tf.modeling.builder import build_model  # pylint: disable=import-outside-toplevel
+    config = configs.load_config(DEFAULT_CONFIG, tiny_override(data_dir, extra=extra))
+    detector = build_model(config.model, load_pretrained=False)
+    return tf.train.Checkpoint(model=detector).save(os.path.join(str(model_dir), "ckpt"))

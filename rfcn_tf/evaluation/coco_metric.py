@@ -51,6 +51,8 @@ from rfcn_tf.evaluation import batch_inputs
 
 STAT_NAMES_FORMAT = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                      "ARmax1", "ARmax10", "ARmax{max_detections}", "ARs", "ARm", "ARl")
+# The smallest max_detections: COCOeval's maxDets are [1, 10, max_detections].
+MIN_MAX_DETECTIONS = 10
 
 
 class COCOMetric:
@@ -80,9 +82,11 @@ class COCOMetric:
             raise ValueError("class_names must not be empty")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must be unique, got {self.class_names}")
-        if not isinstance(max_detections, (int, np.integer)) or max_detections < 10:
-            raise ValueError(f"max_detections must be an integer >= 10 (COCOeval also "
-                             f"reports ARmax1 and ARmax10), got {max_detections!r}")
+        if (not isinstance(max_detections, (int, np.integer))
+                or max_detections < MIN_MAX_DETECTIONS):
+            raise ValueError(f"max_detections must be an integer >= {MIN_MAX_DETECTIONS} "
+                             f"(COCOeval also reports ARmax1 and ARmax10), "
+                             f"got {max_detections!r}")
         self.max_detections = int(max_detections)
         self.per_class = per_class
         self.verbose = verbose

@@ -114,14 +114,13 @@ class LatestCheckpoint(tf_keras.callbacks.Callback):
         super().__init__()
         self._saver = _Saver(checkpoint, model_dir, max_to_keep, strategy)
         self._last_saved_step = None
-        self.last_path: Optional[str] = None
 
     def on_epoch_end(self, epoch, logs=None):
         if _diverged(self.model):
             return
         step = global_step(self.model)
         if step != self._last_saved_step:
-            self.last_path = self._saver.save(step)
+            self._saver.save(step)
             self._last_saved_step = step
 
 

@@ -49,10 +49,6 @@ def build_strategy(name: str) -> tf.distribute.Strategy:
     raise ConfigError(f"train.distribution must be one of {list(STRATEGIES)}, got {name!r}")
 
 
-def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strategy) -> int:
-    return per_replica_batch_size * strategy.num_replicas_in_sync
-
-
 def task_type_and_id(strategy: tf.distribute.Strategy):
     """(task_type, task_id) of this process, or (None, None) outside a cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -2,7 +2,8 @@
 
 `validate_experiment(config, mode)` raises `ConfigError` naming the offending
 key: inconsistent step counts, an unknown strategy, precision policy, schedule
-or metric, or a dataset path that does not exist (relative paths are resolved
+or metric, model.detection.max_detections below what the COCO metric needs, or
+a dataset path that does not exist (relative paths are resolved
 against the working directory, and the message shows the resolved path).
 """
 
@@ -12,6 +13,7 @@ import glob
 import os
 
 from rfcn_tf.configs import ConfigError, DataConfig, ExperimentConfig
+from rfcn_tf.evaluation.coco_metric import MIN_MAX_DETECTIONS
 from rfcn_tf.training.distribution import STRATEGIES
 from rfcn_tf.training.optimizer import MIXED_PRECISION_POLICIES
 from rfcn_tf.training.schedules import validate_optimizer_config
@@ -100,7 +102,19 @@ def validate_experiment(config: ExperimentConfig, mode: str) -> None:
         if not 0.0 < evaluation.iou_threshold <= 1.0:
             raise ConfigError(f"eval.iou_threshold must be in (0, 1], got {evaluation.iou_threshold}")
         check_best_metric(evaluation.best_metric, evaluation.metrics, evaluation.iou_threshold)
+        check_coco_max_detections(config.model.detection.max_detections, evaluation.metrics)
         check_data_paths(config.eval_data, "eval_data")
+
+
+def check_coco_max_detections(max_detections: int, metrics) -> None:
+    """Raises ConfigError when `metrics` holds "coco" and max_detections (the detections
+    COCOMetric keeps per image and category) is below its MIN_MAX_DETECTIONS (COCOeval
+    also reports ARmax1 and ARmax10)."""
+    if "coco" in metrics and max_detections < MIN_MAX_DETECTIONS:
+        raise ConfigError(f"model.detection.max_detections={max_detections} is too small for "
+                          f"the COCO metric in eval.metrics={list(metrics)}: it needs >= "
+                          f"{MIN_MAX_DETECTIONS} (COCOeval reports ARmax1, ARmax10 and "
+                          f"ARmax<max_detections>); raise it or drop coco from eval.metrics")
 
 
 def check_best_metric(name: str, metrics, iou_threshold: float) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -139,19 +140,45 @@ def make_evaluator(config: configs.ExperimentConfig, trainer: DetectionTrainer,
 # -------------------------------------------------------------- restore ----
 
 
+def _mismatch_detail(error: Exception) -> str:
+    """TensorFlow's reason for a failed restore, on one line: its first line, where a
+    list of unmatched objects is replaced by the names of its first 3 variables."""
+    text = str(error).strip()
+    reason = (text.splitlines() or [type(error).__name__])[0].partition(": [")[0]
+    names = re.findall(r"tf\.Variable '([^']+)'", text)[:3]
+    return reason + (f" (first: {', '.join(names)})" if names else "")
+
+
+def restore_matching(checkpoint: tf.train.Checkpoint, path: str, partial: bool,
+                     advice: str) -> None:
+    """Restores the checkpoint `path` into `checkpoint`'s built objects.
+
+    Every built object must get a value from `path`; with `partial`, `path` may hold
+    more (e.g. a training checkpoint's optimizer slots when only the model is restored).
+    Raises ConfigError "checkpoint <path> does not match the configured model (<advice>):
+    <TensorFlow's reason (_mismatch_detail)>" when a variable has another shape in `path`
+    or no value there.
+    """
+    try:
+        status = checkpoint.restore(path)
+        if partial:
+            status = status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        raise configs.ConfigError(f"checkpoint {path} does not match the configured model "
+                                  f"({advice}): {_mismatch_detail(e)}") from e
+
+
 def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[str]:
-    """Restores model_dir's latest ckpt-<step> into `checkpoint` (built objects); returns its path."""
+    """Restores model_dir's latest ckpt-<step> into `checkpoint` (built objects); returns its
+    path, or None when there is none. Raises ConfigError (restore_matching) when it does
+    not fit the configured model."""
     latest = tf.train.latest_checkpoint(model_dir)
     if latest is None:
         return None
-    status = checkpoint.restore(latest)
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(
-            f"the checkpoint {latest} does not match the configured model (was model_dir "
-            f"written with a different model config?); use a new --model_dir. Details: {e}"
-        ) from e
+    restore_matching(checkpoint, latest, partial=False,
+                     advice="was model_dir written with a different model config? use a new "
+                            "--model_dir or that run's model settings")
     return latest
 
 
@@ -195,8 +222,6 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     chief = distribution.is_chief(strategy)
     tf.io.gfile.makedirs(model_dir)
     _check_model_config(config, model_dir)
-    if chief:
-        _save_config_atomically(config, os.path.join(model_dir, "config.yaml"))
 
     class_names_of(config.train_data, config.model.num_classes, "train_data")
     total_epochs = train.steps // train.steps_per_epoch
@@ -211,6 +236,8 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         optimizer.build(detector.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=detector, optimizer=optimizer)
     restored = restore_latest(checkpoint, model_dir)
+    if chief:  # after the checks: a refused run leaves model_dir's config.yaml as it was
+        _save_config_atomically(config, os.path.join(model_dir, "config.yaml"))
     unfinished = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
     if unfinished:
         # BackupAndRestore restores the backup again when fit starts; reading it now
@@ -310,14 +337,13 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def restore_detector(model_config: configs.ModelConfig, checkpoint_path: str) -> tf_keras.Model:
-    """A detector built from `model_config` with the weights of a training checkpoint."""
+    """A detector built from `model_config` with the weights of a training checkpoint.
+
+    Raises ConfigError (restore_matching) when the checkpoint does not fit `model_config`.
+    """
     detector = _build_model(model_config, load_pretrained=False)
-    status = tf.train.Checkpoint(model=detector).restore(checkpoint_path)
-    try:
-        status.expect_partial().assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(f"checkpoint {checkpoint_path} does not match the configured model: {e}"
-                         ) from e
+    restore_matching(tf.train.Checkpoint(model=detector), checkpoint_path, partial=True,
+                     advice="use the training run's config.yaml, or its model settings")
     return detector
 
 
