@@ -3,7 +3,8 @@
 An experiment is one `ExperimentConfig`. It is read from YAML with
 `load_config(path, params_override)`, where the override string follows
 tf-models-official's trainers: "a.b=1,c.d=x,e.f=[1, 2]". Every value is parsed
-as YAML and checked against the field's declared type. An unknown key, a value
+as YAML (files too; scientific notation such as 1e-4 is a float, as in
+tf-models-official) and checked against the field's declared type. An unknown key, a value
 of the wrong type or a malformed override raises `ConfigError`, naming the key.
 
 Defaults are the paper's settings (Dai et al., R-FCN, NIPS 2016) for ResNet-101
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +24,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with the offending key in the message."""
+
+
+class _YamlLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
+    """yaml.SafeLoader that also reads as floats the scientific notation that YAML 1.1
+    (and so plain PyYAML) reads as strings, a mantissa without '.' or an exponent
+    without sign: "1e-4", "5E3", "1.5e3"; like tf-models-official's params_dict
+    loader (not imported: it is a process-wide change to yaml.FullLoader, and its
+    module imports TensorFlow)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(stream) -> Any:
+    """The YAML document in `stream` (a string or a file), parsed by _YamlLoader."""
+    return yaml.load(stream, Loader=_YamlLoader)  # nosec B506: a SafeLoader subclass
 
 
 # ---------------------------------------------------------------- model ------
@@ -113,10 +134,11 @@ class RoiSamplerConfig:
     background at IoU in [background_iou_low, background_iou_high).
     With OHEM, the loss is computed on all `ohem_num_rois` proposals (the RPN's
     best after NMS) plus the ground-truth boxes, and only the `ohem_batch_size`
-    with the highest loss are back-propagated (the R-FCN paper). ohem_nms_iou < 1
-    opts in to the OHEM paper's variant (Shrivastava et al. 2016): an NMS at that
-    IoU, with the loss as the score, first removes the RoIs overlapping a harder
-    one; the default 1.0 disables it. Without OHEM, `rois_per_image` RoIs are
+    with the highest loss are back-propagated (the R-FCN paper), after an NMS at
+    ohem_nms_iou (in [0, 1], default 0.7) with the loss as the score, which removes
+    the RoIs overlapping a harder one by more than that IoU (the OHEM paper,
+    Shrivastava et al. 2016); ohem_nms_iou = 1.0 turns the NMS off (the plain top B
+    by loss, as worded in the R-FCN paper). Without OHEM, `rois_per_image` RoIs are
     sampled at `foreground_fraction` from the rpn.post_nms_top_k_train proposals
     plus the ground-truth boxes.
     box_stds: box-regression targets are divided by these (dy, dx, dh, dw).
@@ -127,7 +149,7 @@ class RoiSamplerConfig:
     background_iou_low: float = 0.0
     ohem: bool = True
     ohem_batch_size: int = 128
-    ohem_nms_iou: float = 1.0
+    ohem_nms_iou: float = 0.7
     ohem_num_rois: int = 300
     rois_per_image: int = 128
     foreground_fraction: float = 0.25
@@ -200,7 +222,14 @@ class DataConfig:
     label_map: optional path to a label map; empty means the dataset's own.
     class_names: class names in id order (id 1 first); empty means from the
       label map / dataset.
-    strict_label_map: unknown class names are an error instead of a counted skip.
+    strict_label_map: a class name, category or label id outside the label map
+      is an error instead of a counted skip: a DataError from the voc/coco
+      readers; for tfrecord, labels are checked in the graph, and the pipeline
+      fails (InvalidArgumentError naming the record's filename, source id and
+      labels) when it reaches such a record. (TFRecords: labels outside the
+      map in the first 5 records of a file are a DataError when opened either
+      way; without strict, later ones are dropped, counted by a PipelineStats
+      and logged.)
     short_side / max_side: resize so the short side is `short_side` unless the
       long side would exceed `max_side`.
     multiscale_short_sides: when non-empty (training), the short side is drawn
@@ -466,7 +495,7 @@ def _read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
     when the file is not valid YAML or holds something other than a mapping."""
     with open(path, encoding="utf-8") as f:
         try:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _load_yaml(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
     if not isinstance(loaded, dict):
@@ -489,7 +518,7 @@ def parse_overrides(params_override: str) -> Dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"params_override entry {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"params_override value for '{key}' is not valid YAML: {e}") from e
         node = nested

@@ -567,16 +567,41 @@ def test_matmul_conv_inference_graph_has_no_conv_and_training_keeps_it():
         assert has_conv == conv_expected, training
 
 
-def test_matmul_conv_config_survives_json_and_tensor_training():
-    layer = matmul_conv.MatmulConv2D(4, 3, activation="relu", matmul_inference=False)
+@pytest.mark.parametrize("matmul_inference", [True, False])
+def test_matmul_conv_config_survives_json(matmul_inference):
+    layer = matmul_conv.MatmulConv2D(4, 3, activation="relu", matmul_inference=matmul_inference)
     config = json.loads(json.dumps(layer.get_config()))  # tuples become lists
     clone = matmul_conv.MatmulConv2D.from_config(config)
-    assert clone.get_config() == layer.get_config() and not clone.matmul_inference
-    clone.build([1, 5, 5, 3])
-    graph = tf.function(lambda x, t: clone(x, training=t)).get_concrete_function(
-        tf.TensorSpec([1, 5, 5, 3]), tf.TensorSpec([], tf.bool)).graph
-    # A training flag only known at run time: Conv2D, not both forms behind a cond.
-    assert [op.type for op in graph.get_operations()].count("Conv2D") == 1
+    assert clone.get_config() == layer.get_config()
+    assert clone.matmul_inference == matmul_inference
+
+
+def _conv_and_matmul_ops(layer, training_spec=None, training=None):
+    """(Conv2D count, MatMul count) in the graph of `layer` on a [1, 5, 5, 3] input, called
+    with training = a placeholder of `training_spec` when given, else the Python `training`."""
+    if training_spec is not None:
+        function = tf.function(lambda x, t: layer(x, training=t)).get_concrete_function(
+            tf.TensorSpec([1, 5, 5, 3]), training_spec)
+    else:
+        function = tf.function(lambda x: layer(x, training=training)).get_concrete_function(
+            tf.TensorSpec([1, 5, 5, 3]))
+    types = [op.type for op in function.graph.get_operations()]
+    return types.count("Conv2D"), types.count("MatMul")
+
+
+def test_matmul_conv_tensor_training_flag_counts_as_training():
+    layer = matmul_conv.MatmulConv2D(4, 3, activation="relu")  # matmul_inference on
+    layer.build([1, 5, 5, 3])
+    # A training flag known only at run time: training, so Conv2D and no matmul form
+    # (not both forms behind a cond).
+    assert _conv_and_matmul_ops(layer, tf.TensorSpec([], tf.bool)) == (1, 0)
+    # Inference known at trace time (None from the context, or False): the nine matmuls.
+    assert _conv_and_matmul_ops(layer) == (0, 9)
+    assert _conv_and_matmul_ops(layer, training=False) == (0, 9)
+    assert _conv_and_matmul_ops(layer, training=True) == (1, 0)
+    # Switched off: Conv2D whatever the flag.
+    layer.matmul_inference = False
+    assert _conv_and_matmul_ops(layer, training=False) == (1, 0)
 
 
 def test_matmul_conv_rejects_what_it_cannot_compute():

@@ -3,6 +3,8 @@ training variants, input errors, config validation and get_config."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ import tensorflow as tf
 
 from rfcn_tf import configs
 from rfcn_tf.modeling import LOSS_KEYS, RfcnModel, build_model, ohem, roi_targets
+from rfcn_tf.modeling.builder import validate_model_config
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
@@ -22,6 +25,12 @@ def model(request):
     cfg = mtu.tiny_config(psroi_impl="portable")
     cfg.anchor.scales, cfg.anchor.aspect_ratios = request.param
     return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """The 2-anchor model alone, for tests that do not depend on the anchors."""
+    return build_model(mtu.tiny_config(psroi_impl="portable"))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -171,21 +180,90 @@ def test_input_errors(model):
         model({"images": batch["images"]}, training=False)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("backbone.depth", 152), ("backbone.output_stride", 32), ("head.psroi_impl", "cuda"),
-    ("head.group_size", 0), ("roi_sampler.box_stds", [0.1, 0.1]),
-    ("roi_sampler.background_iou_high", 0.7), ("detection.nms_version", "v9"),
-    ("num_classes", 0), ("anchor.scales", []),
+def _mismatched_inputs():
+    """(name, inputs, training, the input the error must name) for shapes the model refuses."""
+    one, two = mtu.random_batch(1, 64, 96), mtu.random_batch(2, 64, 96)
+    return [
+        # image_info of one image for two: used to clip both images to the first one's size.
+        ("info_batch", {"images": two["images"], "image_info": one["image_info"]}, False,
+         "image_info"),
+        ("info_shape", {"images": one["images"], "image_info": tf.zeros([1, 2])}, False,
+         "image_info"),
+        ("gt_boxes_batch", {**two, "gt_boxes": one["gt_boxes"], "gt_classes": one["gt_classes"]},
+         True, "gt_boxes"),
+        ("gt_classes_batch", {**two, "gt_classes": one["gt_classes"]}, True, "gt_classes"),
+        ("gt_boxes_shape", {**one, "gt_boxes": one["gt_boxes"][..., :3]}, True, "gt_boxes"),
+    ]
+
+
+def _dynamic_spec(inputs, unknown_shape=("image_info",)):
+    """TensorSpecs of `inputs` with an unknown batch size, and an unknown shape for the
+    inputs in `unknown_shape`."""
+    return {k: tf.TensorSpec(None if k in unknown_shape else [None] + list(v.shape[1:]),
+                             v.dtype) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("case", range(len(_mismatched_inputs())),
+                         ids=[c[0] for c in _mismatched_inputs()])
+def test_input_errors_mismatched_shapes(small_model, case):
+    _, inputs, training, name = _mismatched_inputs()[case]
+    run = (lambda x: small_model.compute_losses(x)) if training else (
+        lambda x: small_model(x, training=False))
+    # Static shapes (eager): a ValueError when the model is called.
+    with pytest.raises(ValueError, match=f"input {name} must"):
+        run(inputs)
+    # Shapes known only when the graph runs: an InvalidArgumentError from the
+    # assertions, naming the input.
+    spec = _dynamic_spec(inputs, unknown_shape=("image_info", name))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"input {name} must"):
+        tf.function(run, input_signature=[spec])(inputs)
+
+
+def test_dynamic_input_shapes_still_run(small_model):
+    batch = mtu.random_batch(2, 64, 96)
+    spec = _dynamic_spec(batch, unknown_shape=("image_info", "gt_boxes", "gt_classes"))
+    detect = tf.function(lambda x: small_model(x, training=False), input_signature=[
+        {k: spec[k] for k in ("images", "image_info")}])
+    expected = small_model(mtu.inference_inputs(batch), training=False)
+    got = detect(mtu.inference_inputs(batch))
+    np.testing.assert_allclose(got["detection_boxes"].numpy(),
+                               expected["detection_boxes"].numpy(), atol=1e-4)
+    losses = tf.function(small_model.compute_losses, input_signature=[spec])(batch)
+    assert all(np.isfinite(v.numpy()) for v in losses.values())
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("backbone.depth", 152, None), ("backbone.output_stride", 32, None),
+    ("head.psroi_impl", "cuda", None), ("head.group_size", 0, None),
+    ("roi_sampler.box_stds", [0.1, 0.1], None),
+    ("roi_sampler.background_iou_high", 0.7, "roi_sampler.foreground_iou"),
+    ("detection.nms_version", "v9", None), ("num_classes", 0, None), ("anchor.scales", [], None),
+    # A negative OHEM NMS threshold made tf.image.non_max_suppression_padded loop forever.
+    ("roi_sampler.ohem_nms_iou", -0.1, None), ("roi_sampler.ohem_nms_iou", float("nan"), None),
+    ("roi_sampler.ohem_nms_iou", 1.5, None),
+    ("loss.rfcn_class_weight", -1.0, None), ("loss.rpn_box_weight", float("inf"), None),
+    ("loss.rpn_class_weight", float("nan"), None), ("loss.rfcn_box_weight", -0.5, None),
+    ("loss.rfcn_huber_delta", float("inf"), None),
 ])
-def test_config_validation_names_the_key(key, value):
+def test_config_validation_names_the_key(key, value, named):
     cfg = configs.to_dict(mtu.tiny_config())
     node = cfg
     *path, leaf = key.split(".")
     for part in path:
         node = node[part]
     node[leaf] = value
-    with pytest.raises(configs.ConfigError, match=r"model\." + key.split(".")[0]):
+    with pytest.raises(configs.ConfigError, match=re.escape(f"'model.{named or key}'")):
         build_model(configs.from_dict(configs.ModelConfig, cfg))
+
+
+@pytest.mark.parametrize("key,value", [("roi_sampler.ohem_nms_iou", 0.0),
+                                       ("roi_sampler.ohem_nms_iou", 1.0),
+                                       ("loss.rfcn_box_weight", 0.0)])
+def test_config_validation_accepts_the_bounds(key, value):
+    cfg = mtu.tiny_config()
+    section, leaf = key.split(".")
+    setattr(getattr(cfg, section), leaf, value)
+    validate_model_config(cfg)
 
 
 def test_model_config_round_trip(model):

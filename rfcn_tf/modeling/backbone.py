@@ -15,12 +15,17 @@ into `RfcnResNet` unchanged (see `load_pretrained_backbone`).
 Outputs: a dict {"conv4": [B, ceil(H/16), ceil(W/16), C4],
 "conv5": [B, ceil(H/16), ceil(W/16), C5]} with C4 = 256*m (depth 18/34) or
 1024*m (50/101) and C5 = 512*m or 2048*m, m = width_multiplier.
+
+official.vision's `DilatedResNet` (backbones/resnet_deeplab.py) is not used: it
+has bottleneck depths only (50, 101, 152, 200; no ResNet-18/34 for CPU training
+and tests), and at output_stride=16 it stores the dilated conv5 output under
+endpoint "4", overwriting conv4, so the conv4 features the RPN reads are not
+among its outputs.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict
 
 import tensorflow as tf
 import tf_keras
@@ -158,11 +163,6 @@ class RfcnResNet(tf_keras.Model):
             for layer in self.submodules:
                 if isinstance(layer, tf_keras.layers.BatchNormalization):
                     layer.trainable = False
-
-    @property
-    def output_channels(self) -> Dict[str, int]:
-        """{"conv4": channels, "conv5": channels} of the two outputs."""
-        return {k: int(v.shape[-1]) for k, v in self.output.items()}
 
     def get_config(self):
         return dict(self._config_dict)

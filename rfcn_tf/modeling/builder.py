@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from rfcn_tf import configs
@@ -17,7 +18,10 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 
 def validate_model_config(cfg: configs.ModelConfig) -> None:
-    """Raises ConfigError, naming the key, for values the model cannot use."""
+    """Raises ConfigError, naming the key, for values the model cannot use.
+
+    A comparison with NaN is false, so a NaN fails every range check here.
+    """
     _check(cfg.num_classes >= 1, "num_classes", f"must be >= 1, got {cfg.num_classes}")
     bb = cfg.backbone
     _check(bb.depth in backbone_lib.RESNET_SPECS, "backbone.depth",
@@ -60,6 +64,8 @@ def validate_model_config(cfg: configs.ModelConfig) -> None:
         _check(getattr(s, key) >= 1, f"roi_sampler.{key}", f"must be >= 1, got {getattr(s, key)}")
     _check(0 <= s.foreground_fraction <= 1, "roi_sampler.foreground_fraction",
            f"must be in [0, 1], got {s.foreground_fraction}")
+    _check(0 <= s.ohem_nms_iou <= 1, "roi_sampler.ohem_nms_iou",
+           f"must be in [0, 1] (1 turns OHEM's NMS off), got {s.ohem_nms_iou}")
     _check(len(s.box_stds) == 4 and all(v > 0 for v in s.box_stds), "roi_sampler.box_stds",
            f"must be 4 values > 0, got {s.box_stds}")
     d = cfg.detection
@@ -69,9 +75,12 @@ def validate_model_config(cfg: configs.ModelConfig) -> None:
     _check(d.pre_nms_top_k >= 1, "detection.pre_nms_top_k", f"must be >= 1, got {d.pre_nms_top_k}")
     _check(d.nms_version in detection.NMS_VERSIONS, "detection.nms_version",
            f"must be one of {list(detection.NMS_VERSIONS)}, got {d.nms_version!r}")
+    for key in ("rpn_class_weight", "rpn_box_weight", "rfcn_class_weight", "rfcn_box_weight"):
+        value = getattr(cfg.loss, key)
+        _check(0 <= value < math.inf, f"loss.{key}", f"must be finite and >= 0, got {value}")
     for key in ("rpn_huber_delta", "rfcn_huber_delta"):
         value = getattr(cfg.loss, key)
-        _check(value > 0, f"loss.{key}", f"must be > 0, got {value}")
+        _check(0 < value < math.inf, f"loss.{key}", f"must be finite and > 0, got {value}")
 
 
 def build_model(model_config: configs.ModelConfig, *, psroi_impl: Optional[str] = None,

@@ -7,7 +7,8 @@ as R-FCN's RPN conv (3x3, 1024 -> 512 channels on a 38x63 conv4 map at 600x1000)
 calls; `python bench/conv_forms.py`). The 1x1 convs of the position-sensitive head gain
 less (one matmul each: 1.11x for the 2048 -> 1024 reduce conv, 1.34x for the 1024 -> 1029
 class maps). The backward pass of the matmul form is not faster, so training keeps
-Conv2D, and so does a graph traced where a GPU is visible (cuDNN).
+Conv2D (also when the training flag is a tensor known only at run time), and so do ops
+placed on a GPU (cuDNN; see MatmulConv2D.call).
 
 The form is chosen when a graph is traced, so it stays in what is saved from that
 graph: SavedModel exports therefore switch it off (`matmul_inference=False`, see
@@ -34,8 +35,13 @@ class MatmulConv2D(tf_keras.layers.Conv2D):
     (the sum runs in another order):
         out[b, h, w, f] = sum_{i, j < k, c} pad(x)[b, h + i, w + j, c] * kernel[i, j, c, f]
     with pad(x) zero-padded by (k - 1) / 2 on every side, then + bias and activation.
-    call(inputs, training) runs Conv2D itself unless training is statically False or None,
-    matmul_inference is true and no GPU is visible at trace time.
+    call(inputs, training) takes the matmul form only when, at trace time, all of these hold:
+    `training` is None (what Keras passes when neither the call nor an enclosing layer's
+    call sets it) or has the static value False (a Python bool or a constant tensor; a bool
+    tensor whose value is known only at run time counts as training); matmul_inference is
+    true; and placement.runs_on_gpu(inputs) is false (in a graph, the tf.device scope the
+    inputs were made in; in eager mode, the current device scope; with no scope, whether
+    a GPU is visible). Otherwise it runs Conv2D itself.
     """
 
     def __init__(self, filters: int, kernel_size: int = 3, matmul_inference: bool = True,
@@ -61,9 +67,18 @@ class MatmulConv2D(tf_keras.layers.Conv2D):
     def get_config(self):
         return {**super().get_config(), "matmul_inference": self.matmul_inference}
 
+    @staticmethod
+    def is_inference(training) -> bool:
+        """Whether `training` means inference at trace time: None, or a static value that
+        is false. A tensor whose value is unknown at trace time means training."""
+        if training is None:
+            return True
+        value = tf.get_static_value(training)
+        return value is not None and not bool(value)
+
     def call(self, inputs, training=None):
-        inference = tf.get_static_value(training) in (None, False)
-        if not (inference and self.matmul_inference) or placement.runs_on_gpu(inputs):
+        if (not (self.is_inference(training) and self.matmul_inference)
+                or placement.runs_on_gpu(inputs)):
             return super().call(inputs)
         k = self.kernel_size[0]
         margin = k // 2

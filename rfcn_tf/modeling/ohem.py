@@ -2,22 +2,28 @@
 
 The loss is evaluated on every candidate RoI of an image (the N proposals plus
 the ground-truth boxes), and the `batch_size` RoIs with the highest loss are
-the hard examples (the R-FCN paper: "compute the loss on all N proposals and
-back-propagate only the B = 128 with the highest loss"). Only they contribute
-to the loss that is back-propagated. Because R-FCN has no per-RoI layers,
-evaluating all N RoIs costs almost nothing.
+the hard examples, after a non-maximum suppression at `nms_iou` (0.7 by default,
+`model.roi_sampler.ohem_nms_iou`) with the loss as the score, which removes the
+RoIs that overlap a harder one by more than `nms_iou` (the OHEM paper,
+Shrivastava et al. 2016). `nms_iou` = 1 turns the NMS off: the plain top B by
+loss, as the R-FCN paper words it ("compute the loss on all N proposals and
+back-propagate only the B = 128 with the highest loss"). Only the hard examples
+contribute to the loss that is back-propagated. Because R-FCN has no per-RoI
+layers, evaluating all N RoIs costs almost nothing.
 
-Opt-in (`nms_iou` < 1, `model.roi_sampler.ohem_nms_iou`): the variant of the
-OHEM paper (Shrivastava et al. 2016), where a non-maximum suppression with the
-loss as the score first removes the RoIs that overlap a harder one by more
-than `nms_iou`.
+The NMS is the package's greedy_nms.greedy_nms_padded (NonMaxSuppressionV4 per
+image): selecting 128 of 2 images x 300 RoIs at 0.7 takes 1.5 ms, against 8.3 ms
+with tf.image.non_max_suppression_padded (medians of 30 tf.function calls on 2
+shared CPU cores at load ~5; the plain top B: 0.9 ms). It selects what a greedy
+NumPy reference selects; the padded NMS also suppressed RoIs at an IoU of exactly
+`nms_iou` and, at `nms_iou` = 0, kept some overlapping ones.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from rfcn_tf.modeling import losses
+from rfcn_tf.modeling import greedy_nms, losses
 
 
 def per_roi_losses(class_logits: tf.Tensor, box_deltas: tf.Tensor, labels: tf.Tensor,
@@ -34,14 +40,15 @@ def per_roi_losses(class_logits: tf.Tensor, box_deltas: tf.Tensor, labels: tf.Te
 
 
 def select_hard_examples(roi_losses: tf.Tensor, rois: tf.Tensor, candidates: tf.Tensor, *,
-                         batch_size: int = 128, nms_iou: float = 1.0) -> tf.Tensor:
+                         batch_size: int = 128, nms_iou: float = 0.7) -> tf.Tensor:
     """The hard examples of each image, as float32 weights [B, R] (1 selected, 0 not).
 
-    With nms_iou >= 1 (the default, the R-FCN paper): the min(batch_size,
-    number of candidates) candidates of highest loss (equal losses: the lower
-    index first). With nms_iou < 1 (the OHEM paper's variant): candidates are
-    taken in decreasing loss, skipping one whose IoU with a RoI already taken
-    exceeds nms_iou, until batch_size are taken or none is left.
+    With nms_iou < 1 (the default 0.7, the OHEM paper's NMS): candidates are
+    taken in decreasing loss (equal losses: the lower index first), skipping one
+    whose IoU with a RoI already taken exceeds nms_iou, until batch_size are
+    taken or none is left. With nms_iou >= 1 (the R-FCN paper's wording): the
+    min(batch_size, number of candidates) candidates of highest loss (equal
+    losses: the lower index first).
 
     A candidate whose loss is NaN ranks above every other one (like +inf), so
     it is selected and a non-finite loss reaches the reported loss instead of
@@ -53,7 +60,7 @@ def select_hard_examples(roi_losses: tf.Tensor, rois: tf.Tensor, candidates: tf.
       candidates: bool [B, R], the RoIs that may be selected (foreground or
         background; not ignored, not empty slots).
       batch_size: B_hard, how many to select per image.
-      nms_iou: the NMS IoU threshold; >= 1 disables the NMS.
+      nms_iou: the NMS IoU threshold, in [0, 1]; 1 disables the NMS.
     """
     roi_losses = tf.cast(roi_losses, tf.float32)
     ranked = tf.where(tf.math.is_nan(roi_losses), tf.constant(float("inf")), roi_losses)
@@ -63,14 +70,11 @@ def select_hard_examples(roi_losses: tf.Tensor, rois: tf.Tensor, candidates: tf.
         top_scores, indices = tf.math.top_k(scores, k=tf.minimum(batch_size, num_rois))
         valid = top_scores >= 0.0
     else:
-        # non_max_suppression_padded needs at least batch_size boxes.
-        pad = tf.maximum(batch_size - num_rois, 0)
-        padded_scores = tf.pad(scores, [[0, 0], [0, pad]], constant_values=-1.0)
-        padded_rois = tf.pad(tf.cast(rois, tf.float32), [[0, 0], [0, pad], [0, 0]])
-        indices, num_valid = tf.image.non_max_suppression_padded(
-            padded_rois, padded_scores, max_output_size=batch_size, iou_threshold=nms_iou,
-            score_threshold=-0.5, pad_to_max_output_size=True)
-        valid = tf.range(batch_size)[None, :] < num_valid[:, None]  # [B, batch_size]
+        indices, num_valid = greedy_nms.greedy_nms_padded(  # one box set per image
+            tf.cast(rois, tf.float32)[:, None], scores[:, None], max_output_size=batch_size,
+            iou_threshold=nms_iou, score_threshold=-0.5)
+        indices = indices[:, 0]
+        valid = tf.range(batch_size)[None, :] < num_valid  # [B, batch_size]
     # Slots past the selected ones (and their indices) contribute nothing.
     selected = tf.one_hot(indices, depth=num_rois) * tf.cast(valid, tf.float32)[..., None]
     return tf.stop_gradient(tf.reduce_max(selected, axis=1))

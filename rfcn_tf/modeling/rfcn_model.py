@@ -15,6 +15,10 @@ Inputs (a dict, the data pipeline's batch):
     it alone (DetectionTrainer derives it from the optimizer step, which
     makes a resumed run draw what an uninterrupted one draws); without it
     they use stateful random ops.
+image_info ([B, 4, 2]), gt_boxes ([B, *, 4]) and gt_classes ([B, *]) are checked,
+  with B the batch size of `images` (`checked_inputs`): a mismatch in the static
+  shapes raises ValueError naming the input; one known only when the graph
+  runs raises InvalidArgumentError there, before the input is used.
 
 `model(inputs, training=False)` (inference) returns
   detection_boxes [B, D, 4] normalised (ymin, xmin, ymax, xmax) relative to
@@ -67,6 +71,65 @@ def dummy_inputs(height: int = 64, width: int = 64, batch: int = 1) -> Dict[str,
     info = tf.constant([[[height, width], [height, width], [1.0, 1.0], [0.0, 0.0]]], tf.float32)
     return {"images": tf.zeros([batch, height, width, 3], tf.float32),
             "image_info": tf.tile(info, [batch, 1, 1])}
+
+
+# The shape after the batch dimension of each input checked by `checked_inputs` (None: any).
+INPUT_SHAPES = {"image_info": (4, 2), "gt_boxes": (None, 4), "gt_classes": (None,)}
+
+
+def _shape_text(dims) -> str:
+    """The expected shape as text: (4, 2) -> "[B, 4, 2]", (None, 4) -> "[B, M, 4]"."""
+    return "[B, " + ", ".join("M" if d is None else str(d) for d in dims) + "]"
+
+
+def _has_shape(tensor: tf.Tensor, dims) -> tf.Tensor:
+    """Scalar bool tensor: `tensor` has rank 1 + len(dims) and, after the batch
+    dimension, the sizes `dims` (None: any size)."""
+    shape = tf.shape(tensor)
+    rank = 1 + len(dims)
+    wanted = tf.constant([-1] + [-1 if d is None else d for d in dims], tf.int32)
+    head = tf.concat([shape, tf.fill([rank], -2)], axis=0)[:rank]  # any rank -> `rank` values
+    return tf.equal(tf.size(shape), rank) & tf.reduce_all((head == wanted) | (wanted < 0))
+
+
+def _checked_input(images: tf.Tensor, name: str, tensor) -> tf.Tensor:
+    """`tensor` (the input `name`), checked: shape [B, *INPUT_SHAPES[name]] with B the batch
+    size of `images`. A mismatch in the static shapes raises ValueError naming the input
+    (and images for the batch size); what the static shapes leave open is checked when the
+    graph runs, by assertions (InvalidArgumentError with the same text) that the returned
+    tensor depends on; its static shape then includes INPUT_SHAPES[name]."""
+    tensor = tf.convert_to_tensor(tensor)
+    dims = INPUT_SHAPES[name]
+    shape_message = f"RfcnModel: input {name} must be {_shape_text(dims)}, got shape"
+    if not tensor.shape.is_compatible_with((None,) + dims):
+        raise ValueError(f"{shape_message} {tensor.shape}")
+    batch, images_batch = tensor.shape[0], images.shape[0] if images.shape.rank else None
+    batch_message = f"RfcnModel: input {name} must have one row per image (the batch of images)"
+    if batch is not None and images_batch is not None and batch != images_batch:
+        raise ValueError(f"{batch_message}, got {batch} rows for {images_batch} images")
+    checks = []
+    if tensor.shape.rank is None or any(d is not None and tensor.shape[i + 1] is None
+                                        for i, d in enumerate(dims)):
+        checks.append(tf.debugging.Assert(_has_shape(tensor, dims),
+                                          [shape_message, tf.shape(tensor)]))
+    if batch is None or images_batch is None:
+        with tf.control_dependencies(checks):  # tf.shape(tensor)[0] needs rank >= 1
+            checks.append(tf.debugging.assert_equal(
+                tf.shape(tensor)[0], tf.shape(images)[0],
+                message=f"{batch_message}; rows of {name} vs images:"))
+    if not checks:
+        return tensor
+    with tf.control_dependencies(checks):
+        checked = tf.identity(tensor)
+    checked.set_shape(tensor.shape.merge_with((None,) + dims))  # what the checks ensure
+    return checked
+
+
+def checked_inputs(inputs: Mapping[str, tf.Tensor], names) -> Dict[str, tf.Tensor]:
+    """{name: inputs[name]} for `names` (keys of INPUT_SHAPES), each checked by
+    `_checked_input` against inputs["images"]."""
+    images = tf.convert_to_tensor(inputs["images"])
+    return {name: _checked_input(images, name, inputs[name]) for name in names}
 
 
 def ground_truth_valid(gt_boxes: tf.Tensor, gt_classes: tf.Tensor) -> tf.Tensor:
@@ -180,8 +243,9 @@ class RfcnModel(tf_keras.Model):
             raise ValueError(f"RfcnModel: training=True needs the inputs {missing} "
                              f"(got keys {sorted(inputs)}); call with training=False to detect")
         cfg = self._model_config
-        gt_boxes = tf.cast(inputs["gt_boxes"], tf.float32)
-        gt_classes = tf.cast(inputs["gt_classes"], tf.int32)
+        checked = checked_inputs(inputs, ("image_info", "gt_boxes", "gt_classes"))
+        gt_boxes = tf.cast(checked["gt_boxes"], tf.float32)
+        gt_classes = tf.cast(checked["gt_classes"], tf.int32)
         # The targets gather the matched ground-truth row of every anchor and RoI, which
         # needs M >= 1: a batch without ground-truth columns gets one invalid row
         # (class -1, empty box), which every image ignores.
@@ -189,7 +253,7 @@ class RfcnModel(tf_keras.Model):
         gt_boxes = tf.pad(gt_boxes, [[0, 0], [0, missing_rows], [0, 0]])
         gt_classes = tf.pad(gt_classes, [[0, 0], [0, missing_rows]], constant_values=-1)
         gt_valid = ground_truth_valid(gt_boxes, gt_classes)
-        out = self._rpn_forward(inputs["images"], inputs["image_info"], training=training)
+        out = self._rpn_forward(inputs["images"], checked["image_info"], training=training)
         anchor_seed, roi_seed = None, None
         if inputs.get("sampling_seed") is not None:
             seed = inputs["sampling_seed"]
@@ -236,7 +300,8 @@ class RfcnModel(tf_keras.Model):
                              "'image_info' [B, 4, 2]")
         if training:
             return self._train_forward(inputs, training=True)
-        return self._detect(inputs["images"], inputs["image_info"])
+        image_info = checked_inputs(inputs, ("image_info",))["image_info"]
+        return self._detect(inputs["images"], image_info)
 
     @tf.autograph.experimental.do_not_convert
     def compute_losses(self, inputs, training: bool = True) -> Dict[str, tf.Tensor]:

@@ -3,6 +3,14 @@
 Boxes are (ymin, xmin, ymax, xmax) in pixels of the resized input image
 (official.vision's convention, continuous coordinates: a box covering pixel
 columns 0..9 has xmin=0, xmax=10).
+
+The proposal layer is not official.vision's `MultilevelROIGenerator`: that one
+reads each level's feature-map height and width from the static shape
+(`get_shape().as_list()` in `roi_generator._multilevel_propose_rois`) and
+multiplies them in Python, so its trace fails (TypeError on None) when the image
+size is dynamic, and one trace cannot serve every image size. This layer uses
+official.vision's box decoding, clipping, filtering and top-k (`box_ops`) with
+dynamic shapes.
 """
 
 from __future__ import annotations
