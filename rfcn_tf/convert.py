@@ -128,6 +128,8 @@ def main(argv):
         # ValueError: ConversionError, ConfigError, DataError, InvalidSavedModelError and
         # tf.saved_model.load's; OSError: missing or unreadable files.
         logging.error("%s", error)
+        # The traceback, for a failure inside a converter: shown with --verbosity=1.
+        logging.vlog(1, "rfcn_tf.convert failed here:", exc_info=True)
         sys.exit(f"rfcn_tf.convert: error: {error_line(error)}")
 
 

@@ -36,6 +36,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from rfcn_tf import configs
+from rfcn_tf.data import input_pipeline
 from rfcn_tf.data.records import DataError
 from rfcn_tf.evaluation import report
 from rfcn_tf.export.saved_model import METADATA_ASSET, read_metadata
@@ -169,6 +170,11 @@ def main(argv):
         # about every checkpoint value left unrestored (~150 lines after the error).
         tf.get_logger().setLevel("ERROR")
         sys.exit(f"rfcn_tf.evaluate: error: {e}")
+    except tf.errors.InvalidArgumentError as e:
+        refusal = input_pipeline.strict_label_failure(e)
+        if refusal is None:
+            raise
+        sys.exit(f"rfcn_tf.evaluate: error: {refusal}")
     written = [report.write_eval_results(output.results,
                                          os.path.join(output_dir, loop.EVAL_RESULTS_FILE))]
     if keep:

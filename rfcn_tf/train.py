@@ -26,6 +26,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from rfcn_tf import configs
+from rfcn_tf.data import input_pipeline
 from rfcn_tf.data.records import DataError
 from rfcn_tf.evaluation import report
 from rfcn_tf.training import experiment, loop
@@ -101,6 +102,11 @@ def main(argv):
         # about every checkpoint value left unrestored (~150 lines after the error).
         tf.get_logger().setLevel("ERROR")
         sys.exit(f"rfcn_tf.train: error: {e}")
+    except tf.errors.InvalidArgumentError as e:
+        refusal = input_pipeline.strict_label_failure(e)
+        if refusal is None:
+            raise
+        sys.exit(f"rfcn_tf.train: error: {refusal}")
 
 
 if __name__ == "__main__":

@@ -175,15 +175,11 @@ def send_grpc(server: str, request, timeout: float = 60.0):
 
 def _class_names(label_map: Optional[str]) -> Dict[int, str]:
     """id -> name of a label map file ({} when none is given). Raises DataError (a
-    ValueError) for a missing or malformed file, ValueError naming the file for one that
-    is not UTF-8 text."""
+    ValueError) naming the file when it is missing, not UTF-8 text, or malformed."""
     if not label_map:
         return {}
     from rfcn_tf.data.label_map import read_label_map  # pylint: disable=import-outside-toplevel
-    try:
-        parsed = read_label_map(label_map)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"label map {label_map} is not a text file ({error})") from None
+    parsed = read_label_map(label_map)
     return {i: parsed.name_of(i) for i in parsed.ids}
 
 

@@ -267,9 +267,15 @@ def test_strict_label_map_fails_on_a_tfrecord_label_past_the_checked_records(tmp
     _write_dirty_foreign(path)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=rf"{last}\.jpg \(source_id {last}\) has class id\(s\) \[7\] "
-                             r"outside the label map \(ids 1\.\.2: cat, dog\)"):
+                             r"outside the label map \(ids 1\.\.2: cat, dog\)") as raised:
         for _ in input_pipeline.build_dataset(cfg, 1).take(2 * last):
             pass
+    # What rfcn_tf.train / rfcn_tf.evaluate print as their one error line.
+    assert input_pipeline.strict_label_failure(raised.value) == (
+        f"{last}.jpg (source_id {last}) has class id(s) [7] outside the label map "
+        "(ids 1..2: cat, dog) and strict_label_map is true")
+    assert input_pipeline.strict_label_failure(
+        tf.errors.InvalidArgumentError(None, None, "another bad argument")) is None
 
 
 def test_a_tfrecord_whose_first_image_is_corrupt_is_read(tmp_path):

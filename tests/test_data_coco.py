@@ -155,8 +155,8 @@ def test_label_map_of_reads_no_image(coco_set):
 
 def test_malformed_ids_are_counted_and_skipped(coco_set, tmp_path):
     """A list or dict (or any non-integer) as an annotation's id, image_id or
-    category_id, or as an image id, and a file_name that is not a string, are skipped
-    and counted, not a TypeError; numbers beyond a float's range (1e400 reads as
+    category_id, or as an image id (also one beyond int64), and a file_name that is not
+    a string, are skipped and counted, not a TypeError; numbers beyond a float's range (1e400 reads as
     infinity, a 400-digit integer cannot be a float) are malformed values, not an
     OverflowError: an unknown image size, a dropped box, a missing area."""
     _, images, data = coco_set
@@ -167,6 +167,7 @@ def test_malformed_ids_are_counted_and_skipped(coco_set, tmp_path):
         {"id": 15, "file_name": 5},
         {"id": 16, "file_name": ["11.jpg"]},
         {"id": 17, "file_name": "11.jpg", "height": "HEIGHT", "width": W},
+        {"id": 2 ** 63, "file_name": "11.jpg"},  # beyond int64, the pipeline's id type
     ]
     dirty["annotations"] += [
         {"id": [8], "image_id": 12, "category_id": 3, "bbox": [1, 1, 5, 5]},
@@ -183,7 +184,7 @@ def test_malformed_ids_are_counted_and_skipped(coco_set, tmp_path):
         records, _, report = coco.read_coco(str(path), images, strict=strict)
         assert sorted(r.source_id for r in records) == [11, 12, 13, 17]
         assert report.get(rpt.OBJECTS_SKIPPED, coco.REASON_BAD_ANNOTATION_ID) == 5
-        assert report.get(rpt.IMAGES_SKIPPED, coco.REASON_BAD_IMAGE_ENTRY) == 3
+        assert report.get(rpt.IMAGES_SKIPPED, coco.REASON_BAD_IMAGE_ENTRY) == 4
         assert report.get(rpt.BOXES_DROPPED, validation.REASON_MALFORMED) == 1
         by_id = {r.source_id: r for r in records}
         assert {i: r.num_boxes for i, r in by_id.items()} == {11: 2, 12: 1, 13: 1, 17: 0}

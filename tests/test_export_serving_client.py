@@ -282,7 +282,7 @@ def test_answer_is_printed_named_and_drawn(detections_server, scene_file, tmp_pa
 
 @pytest.mark.parametrize("label_map, message", [
     pytest.param("missing.pbtxt", "label map file not found: {path}", id="missing"),
-    pytest.param("scene.png", "label map {path} is not a text file", id="not_text"),
+    pytest.param("scene.png", "label map {path} is not UTF-8 text", id="not_text"),
 ])
 def test_unreadable_label_map_is_a_clean_error_before_the_request(
         detections_server, scene_file, tmp_path, capsys, label_map, message):

@@ -300,14 +300,14 @@ def test_unsupported_dtype_raises_invalid_argument(impl):
 
 @pytest.mark.parametrize("mode", ["eager", "function_unknown_shapes"])
 def test_portable_refuses_a_table_beyond_int32_indices(mode):
-    # D = 0 keeps the maps empty while N*(H+1)*(W+1)*k*k = 2 * 5001 * 5001 * 49 > 2**31:
+    # D = 0 keeps the maps empty while N*(H+1)*(W+1)*k*k = 11e6 * 2 * 2 * 49 > 2**31:
     # the portable twin's int32 table indices would wrap around.
-    maps = tf.zeros([2, 5000, 5000, 0])
+    maps = tf.zeros([11_000_000, 1, 1, 0])
     rois = tf.constant([[0, 0, 0, 2, 2]], tf.float32)
     with pytest.raises(tf.errors.InvalidArgumentError, match="too large for the portable"):
         _run_bad(mode, "portable", maps, rois, 7, 1.0)
     # Just under the limit the same call pools (to an empty [1, 7, 7, 0]).
-    small = tf.zeros([1, 6000, 6000, 0])  # 6001**2 * 49 = 1.76e9 < 2**31
+    small = tf.zeros([10_900_000, 1, 1, 0])  # 10.9e6 * 4 * 49 = 2.136e9 < 2**31
     assert psroi(small, rois, 7, 1.0, "portable").shape == (1, 7, 7, 0)
 
 

@@ -82,8 +82,9 @@ def category_ids(data: dict, label_map: LabelMap) -> Dict[int, int]:
 
 
 def _is_id(value) -> bool:
-    """Whether `value` is a JSON integer (bool excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Whether `value` is a JSON integer (bool excluded) that fits in int64, as the input
+    pipeline holds ids."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
 def _area(value) -> Optional[float]:

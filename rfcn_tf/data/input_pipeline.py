@@ -86,6 +86,8 @@ _READ_BUFFER_BYTES = 1 << 20
 _DECODE_FAILURE = "rfcn_tf input pipeline: skipped an element that failed to read or decode: "
 _NOT_AN_EXAMPLE = "a record that is not a tf.Example"
 _DROPPED_OBJECTS = "rfcn_tf input pipeline: dropped objects of "
+_PIPELINE_PREFIX = "rfcn_tf input pipeline: "
+_STRICT_LABELS_FAILED = " and strict_label_map is true"
 # Images with dropped objects logged per dataset (PipelineStats counts all of them).
 MAX_DROP_WARNINGS = 10
 # preprocess.SanitizedBoxes masks that PipelineStats counts.
@@ -315,15 +317,30 @@ def _dropped_objects_warner():
     return warn
 
 
+def strict_label_failure(error: BaseException) -> Optional[str]:
+    """The pipeline's refusal of a class id outside the label map under strict_label_map
+    (_check_strict_labels), "<filename> (source_id <id>) has class id(s) [...] outside the
+    label map (...) and strict_label_map is true", when `error` (as the training or
+    evaluation loop raises it, wrapped by tf.data and the executor) is one; else None.
+    Bad data that the commands report in one line."""
+    if not isinstance(error, tf.errors.InvalidArgumentError):
+        return None
+    start = error.message.find(_PIPELINE_PREFIX)
+    end = error.message.find(_STRICT_LABELS_FAILED, start)
+    if start < 0 or end < 0:
+        return None
+    return error.message[start + len(_PIPELINE_PREFIX):end + len(_STRICT_LABELS_FAILED)]
+
+
 def _check_strict_labels(element, bad_labels: tf.Tensor, label_map: LabelMap) -> tf.Tensor:
     """True when `bad_labels` is empty; else fails (InvalidArgumentError, "assertion
     failed: [...]") naming the element, its class ids outside `label_map` and the map."""
     def fail():
         message = tf.strings.join([
-            "rfcn_tf input pipeline: ", _element_name(element), " has class id(s) ",
+            _PIPELINE_PREFIX, _element_name(element), " has class id(s) ",
             tf.strings.format("{}", bad_labels, summarize=-1),
             f" outside the label map (ids 1..{label_map.num_classes}: "
-            f"{', '.join(label_map.names)}) and strict_label_map is true"])
+            f"{', '.join(label_map.names)}){_STRICT_LABELS_FAILED}"])
         with tf.control_dependencies([tf.debugging.Assert(tf.size(bad_labels) == 0,
                                                           [message])]):
             return tf.constant(True)
