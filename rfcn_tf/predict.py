@@ -47,11 +47,6 @@ def main(argv):
     paths = predictor.list_images(FLAGS.images)
     if not paths:
         sys.exit(f"rfcn_tf.predict: error: no files match --images={FLAGS.images!r}")
-    try:  # before the model loads: a bad --output_dir fails at once
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-    except OSError as error:
-        sys.exit(f"rfcn_tf.predict: error: cannot create --output_dir={FLAGS.output_dir}: "
-                 f"{error.strerror}")
     try:
         detector = predictor.load_detector(FLAGS.saved_model)
     except op_library.OpLibraryUnavailableError as error:
@@ -68,6 +63,11 @@ def main(argv):
         # errors (e.g. missing variables), unreadable assets
         sys.exit(f"rfcn_tf.predict: error: cannot load the SavedModel {FLAGS.saved_model}: "
                  f"{error_line(error)}")
+    try:  # once the model loaded: a command that fails leaves no output_dir behind
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"rfcn_tf.predict: error: cannot create --output_dir={FLAGS.output_dir}: "
+                 f"{error.strerror}")
     result = predictor.predict_files(detector, paths, FLAGS.output_dir, FLAGS.min_score_thresh)
     written, skipped = result["written"], result["skipped"]
     print(f"\nWrote {len(written)} PNG + JSON pairs to {os.path.abspath(FLAGS.output_dir)} "

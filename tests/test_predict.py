@@ -103,6 +103,21 @@ def test_predict_command(export_path, tmp_path):
     assert predictor.list_images(f"{tmp_path}/*.gif") == []  # the command exits 1 then
 
 
+def test_predict_refuses_an_output_dir_it_cannot_create(export_path, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
+    output_dir = tmp_path / "a_file" / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "rfcn_tf.predict", f"--saved_model={export_path}",
+         f"--images={tmp_path}/*.png", f"--output_dir={output_dir}"],
+        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"rfcn_tf.predict: error: cannot create --output_dir={output_dir}: Not a directory")
+
+
 # The graph's refusal of bytes that are not a JPEG, PNG, GIF or BMP file (rfcn_tf.export.
 # inputs.decode_checked), followed by their first 8 bytes in hex.
 NOT_AN_IMAGE_REFUSAL = ("assertion failed: [input_tensor holds bytes that are not a JPEG, "
