@@ -15,6 +15,8 @@ recipe fails loudly instead of making the export tests vacuous).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Dict
 
 import numpy as np
@@ -168,3 +170,11 @@ def clean_env() -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` from the repository root, with clean_env() and the
+    repository on PYTHONPATH; the finished process, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False,
+                          env={**clean_env(), "PYTHONPATH": REPO})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,10 +18,7 @@ import tensorflow as tf
 from rfcn_tf import configs
 
 
-def run_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ef.REPO, capture_output=True,
-                          text=True, timeout=300, check=False,
-                          env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+run_command = ef.run_module
 
 
 def test_export_without_model_dir_needs_export_dir(tmp_path):

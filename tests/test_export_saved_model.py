@@ -304,13 +304,11 @@ def test_export_command_from_a_checkpoint(tmp_path, reference):
     prefix = checkpoint.save(str(tmp_path / "ckpt"))  # ckpt-7, as training writes them
     from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
     configs.save_config(config, str(tmp_path / "config.yaml"))
-    result = subprocess.run(
-        [sys.executable, "-m", "rfcn_tf.export", f"--checkpoint={prefix}",
-         f"--config_file={tmp_path / 'config.yaml'}", f"--export_dir={tmp_path / 'export'}",
-         "--input_type=encoded_image_string_tensor",
-         "--params_override=export.extra_signatures=false"],
-        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    result = ef.run_module("rfcn_tf.export", f"--checkpoint={prefix}",
+                           f"--config_file={tmp_path / 'config.yaml'}",
+                           f"--export_dir={tmp_path / 'export'}",
+                           "--input_type=encoded_image_string_tensor",
+                           "--params_override=export.extra_signatures=false")
     assert result.returncode == 0, result.stderr[-4000:]
     path = str(tmp_path / "export" / "7")
     assert f"Wrote SavedModel {path}" in result.stdout
@@ -326,10 +324,7 @@ def test_export_command_from_a_checkpoint(tmp_path, reference):
 
 
 def test_export_command_reports_a_missing_checkpoint(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "rfcn_tf.export", f"--checkpoint={tmp_path / 'nope'}",
-         f"--config_file={tmp_path / 'nope.yaml'}", f"--export_dir={tmp_path}"],
-        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    result = ef.run_module("rfcn_tf.export", f"--checkpoint={tmp_path / 'nope'}",
+                           f"--config_file={tmp_path / 'nope.yaml'}", f"--export_dir={tmp_path}")
     assert result.returncode == 1
     assert "rfcn_tf.export: error:" in result.stderr and "not found" in result.stderr

@@ -87,11 +87,9 @@ def test_predict_command(export_path, tmp_path):
     Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
     Image.fromarray(ef.scene(6)).save(tmp_path / "b.jpg", quality=95)
     (tmp_path / "notes.png").write_text("not an image")
-    result = subprocess.run(
-        [sys.executable, "-m", "rfcn_tf.predict", f"--saved_model={export_path}",
-         f"--images={tmp_path}/*.png,{tmp_path}/*.jpg", f"--output_dir={tmp_path / 'out'}"],
-        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    result = ef.run_module("rfcn_tf.predict", f"--saved_model={export_path}",
+                           f"--images={tmp_path}/*.png,{tmp_path}/*.jpg",
+                           f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Wrote 2 PNG + JSON pairs" in result.stdout
     assert sorted(os.listdir(tmp_path / "out")) == ["a.json", "a.png", "b.json", "b.png"]
@@ -107,11 +105,8 @@ def test_predict_refuses_an_output_dir_it_cannot_create(export_path, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
     output_dir = tmp_path / "a_file" / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "rfcn_tf.predict", f"--saved_model={export_path}",
-         f"--images={tmp_path}/*.png", f"--output_dir={output_dir}"],
-        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    result = ef.run_module("rfcn_tf.predict", f"--saved_model={export_path}",
+                           f"--images={tmp_path}/*.png", f"--output_dir={output_dir}")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
