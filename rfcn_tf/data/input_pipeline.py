@@ -83,10 +83,10 @@ from rfcn_tf.data.records import DataError
 
 _CYCLE_LENGTH = 16
 _READ_BUFFER_BYTES = 1 << 20
-_DECODE_FAILURE = "rfcn_tf input pipeline: skipped an element that failed to read or decode: "
+_PIPELINE_PREFIX = "rfcn_tf input pipeline: "  # of this module's warnings and errors
+_DECODE_FAILURE = _PIPELINE_PREFIX + "skipped an element that failed to read or decode: "
 _NOT_AN_EXAMPLE = "a record that is not a tf.Example"
-_DROPPED_OBJECTS = "rfcn_tf input pipeline: dropped objects of "
-_PIPELINE_PREFIX = "rfcn_tf input pipeline: "
+_DROPPED_OBJECTS = _PIPELINE_PREFIX + "dropped objects of "
 _STRICT_LABELS_FAILED = " and strict_label_map is true"
 # Images with dropped objects logged per dataset (PipelineStats counts all of them).
 MAX_DROP_WARNINGS = 10
