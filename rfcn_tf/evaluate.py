@@ -22,13 +22,13 @@ eval_data in voc, coco or synthetic format, whose label map has the classes of
 the export's metadata (assets/rfcn_export.json).
 
 Exit status 1 with a one-line error for a bad config or data, a checkpoint that
-does not fit the configured model, or a SavedModel of other classes.
+does not fit the configured model or cannot be read, or a SavedModel of other
+classes or that cannot be loaded.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import List, Optional
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
@@ -36,11 +36,10 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from rfcn_tf import configs
-from rfcn_tf.data import input_pipeline
-from rfcn_tf.data.records import DataError
 from rfcn_tf.evaluation import report
+from rfcn_tf.export import error_line, graph_ops
 from rfcn_tf.export.saved_model import METADATA_ASSET, read_metadata
-from rfcn_tf.training import eval_loop, experiment, loop
+from rfcn_tf.training import cli_errors, eval_loop, experiment, loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint prefix, or a directory (its latest).")
@@ -109,7 +108,9 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
 
     Raises ConfigError for tfrecord eval_data, a SavedModel of other classes
     (check_saved_model_classes) or without a uint8 image signature, and
-    FileNotFoundError when there is no SavedModel at `saved_model`.
+    FileNotFoundError when there is no SavedModel at `saved_model`, and
+    graph_ops.InvalidSavedModelError when it cannot be loaded (a corrupt saved_model.pb or
+    variables file).
     """
     from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
     if config.eval_data.format == "tfrecord":
@@ -122,7 +123,11 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
     source = sources.open_source(config.eval_data)
     names = [n or f"class_{i}" for i, n in enumerate(source.label_map.names, start=1)]
     check_saved_model_classes(saved_model, names)
-    loaded = tf.saved_model.load(saved_model)
+    try:
+        loaded = tf.saved_model.load(saved_model)
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        raise graph_ops.InvalidSavedModelError(
+            f"SavedModel {saved_model} cannot be loaded ({error_line(e)}); re-export it") from e
     serve = None
     for key in IMAGE_SIGNATURES:
         candidate = loaded.signatures.get(key)
@@ -148,7 +153,9 @@ def main(argv):
     if bool(FLAGS.checkpoint) == bool(FLAGS.saved_model):
         raise app.UsageError("give exactly one of --checkpoint and --saved_model")
     target = FLAGS.checkpoint or FLAGS.saved_model
-    try:
+    errors = (*cli_errors.USER_ERRORS, loop.CheckpointReadError,
+              graph_ops.InvalidSavedModelError)
+    with cli_errors.exit_on_user_error("rfcn_tf.evaluate", errors):
         config_file = FLAGS.config_file or find_run_config(target)
         if config_file is None:
             raise configs.ConfigError(f"no config.yaml found for {target}; pass --config_file")
@@ -164,17 +171,6 @@ def main(argv):
             output = evaluate_saved_model(config, FLAGS.saved_model, keep)
             evaluated = FLAGS.saved_model
             output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(FLAGS.saved_model))
-    except (configs.ConfigError, DataError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        # A failed restore leaves TensorFlow objects that warn, when collected at exit,
-        # about every checkpoint value left unrestored (~150 lines after the error).
-        tf.get_logger().setLevel("ERROR")
-        sys.exit(f"rfcn_tf.evaluate: error: {e}")
-    except tf.errors.InvalidArgumentError as e:
-        refusal = input_pipeline.strict_label_failure(e)
-        if refusal is None:
-            raise
-        sys.exit(f"rfcn_tf.evaluate: error: {refusal}")
     written = [report.write_eval_results(output.results,
                                          os.path.join(output_dir, loop.EVAL_RESULTS_FILE))]
     if keep:

@@ -12,24 +12,20 @@ train_and_eval  trains, evaluating every train.eval_every_epochs epochs and at
 Without --config_file the embedded default (configs/rfcn_synthetic.yaml of
 this repository) is used. The run ends by listing what it wrote and the final
 metrics. Exit status 1 with a one-line error for a bad config, bad data, a
-model_dir whose checkpoint does not fit the configured model, or a diverged
-run.
+model_dir whose checkpoint does not fit the configured model or cannot be read,
+or a diverged run.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
-import tensorflow as tf
 from absl import app, flags, logging
 
 from rfcn_tf import configs
-from rfcn_tf.data import input_pipeline
-from rfcn_tf.data.records import DataError
 from rfcn_tf.evaluation import report
-from rfcn_tf.training import experiment, loop
+from rfcn_tf.training import cli_errors, experiment, loop
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "rfcn_synthetic.yaml")
@@ -88,7 +84,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config_file = FLAGS.config_file or DEFAULT_CONFIG
-    try:
+    errors = (*cli_errors.USER_ERRORS, loop.CheckpointReadError, loop.TrainingDivergedError)
+    with cli_errors.exit_on_user_error("rfcn_tf.train", errors):
         config = configs.load_config(config_file, FLAGS.params_override)
         experiment.validate_experiment(config, FLAGS.mode)
         logging.info("config %s, model_dir %s, mode %s", config_file, FLAGS.model_dir, FLAGS.mode)
@@ -96,18 +93,6 @@ def main(argv):
             run_eval(config, FLAGS.model_dir)
         else:
             run_train(config, FLAGS.model_dir, evaluate=FLAGS.mode == "train_and_eval")
-    except (configs.ConfigError, DataError, loop.TrainingDivergedError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        # A failed restore leaves TensorFlow objects that warn, when collected at exit,
-        # about every checkpoint value left unrestored (~150 lines after the error).
-        tf.get_logger().setLevel("ERROR")
-        sys.exit(f"rfcn_tf.train: error: {e}")
-    except tf.errors.InvalidArgumentError as e:
-        refusal = input_pipeline.strict_label_failure(e)
-        if refusal is None:
-            raise
-        sys.exit(f"rfcn_tf.train: error: {refusal}")
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,5 +1,6 @@
 """rfcn_tf.evaluate's input checks (the full command runs in test_training_end_to_end)."""
 
+import glob
 import json
 import os
 import re
@@ -145,3 +146,68 @@ def test_saved_model_of_other_classes_is_refused_before_evaluation(tmp_path):
                         detected_class=1)
     output = evaluate.evaluate_saved_model(config, same, keep_detections=False)
     assert output.results["num_images"] == 4  # the test split: 1/4 of 16 images
+
+
+def _damage_checkpoint(prefix, damage):
+    """Damages the data file of checkpoint `prefix` in place: "truncated" keeps its first
+    half, "flipped" inverts every 64th byte (each tensor's checksum then fails)."""
+    (data_file,) = glob.glob(f"{prefix}.data-*")
+    with open(data_file, "rb") as f:
+        data = bytearray(f.read())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[::64] = bytes(255 - b for b in data[::64])
+    with open(data_file, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_unreadable_checkpoint_is_a_checkpoint_read_error(tmp_path, damage):
+    """A checkpoint whose data file is truncated or corrupt is refused with
+    CheckpointReadError, one line naming the checkpoint, TensorFlow's reason and what to
+    do (TensorFlow raises IndexError or DataLossError from its reader)."""
+    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
+    prefix = save_tiny_checkpoint(tmp_path / "run", tmp_path / "data")
+    _damage_checkpoint(prefix, damage)
+    config = configs.load_config(DEFAULT_CONFIG, tiny_override(tmp_path / "data"))
+    with pytest.raises(loop.CheckpointReadError) as raised:
+        loop.restore_detector(config.model, prefix)
+    message = str(raised.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"checkpoint {prefix} cannot be read, its files are truncated "
+                              f"or corrupt ("), message
+    assert message.endswith("); use another checkpoint of the run"), message
+
+
+def test_unreadable_checkpoint_is_a_one_line_command_error(tmp_path):
+    prefix = save_tiny_checkpoint(tmp_path / "run", tmp_path / "data")
+    _damage_checkpoint(prefix, "flipped")
+    result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--checkpoint={prefix}",
+                  f"--config_file={DEFAULT_CONFIG}",
+                  f"--params_override={tiny_override(tmp_path / 'data')}"], timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = _last_line(result.stderr)
+    assert last.startswith(f"rfcn_tf.evaluate: error: checkpoint {prefix} cannot be read"), last
+    assert re.search("checksum does not match", last, re.IGNORECASE), last
+
+
+def test_saved_model_that_cannot_be_loaded_is_a_one_line_command_error(tmp_path):
+    """A SavedModel whose saved_model.pb is cut short is refused in one line (it was a
+    traceback from tf.saved_model.load)."""
+    ensure_synthetic(tmp_path / "data")
+    export = _fake_export(tmp_path / "export", list(SYNTHETIC_CLASSES), detected_class=1)
+    pb = os.path.join(export, "saved_model.pb")
+    with open(pb, "rb") as f:
+        head = f.read(200)
+    with open(pb, "wb") as f:
+        f.write(head)
+    result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--saved_model={export}",
+                  f"--config_file={DEFAULT_CONFIG}",
+                  f"--params_override={tiny_override(tmp_path / 'data')}"], timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = _last_line(result.stderr)
+    assert last.startswith(f"rfcn_tf.evaluate: error: SavedModel {export} cannot be loaded ("), last
+    assert last.endswith("; re-export it"), last

@@ -175,3 +175,46 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
                            f"configured model"), last
     assert "incompatible tensor" in last and "new --model_dir" in last, last
     assert not os.path.exists(model_dir / "config.yaml")
+
+
+def _truncate_data_file(prefix):
+    """Cuts checkpoint `prefix`'s data file to its first half."""
+    (data_file,) = glob.glob(f"{prefix}.data-*")
+    size = os.path.getsize(data_file)
+    with open(data_file, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def test_an_unreadable_latest_checkpoint_is_refused_in_one_line(tmp_path):
+    """A model_dir whose latest checkpoint is truncated is refused in one line that says
+    how to continue from an earlier one; no traceback, config.yaml not written."""
+    model_dir = tmp_path / "run"
+    prefix = save_tiny_checkpoint(model_dir, tmp_path / "data")
+    _truncate_data_file(prefix)
+    result = run(train_command(str(model_dir), tiny_override(tmp_path / "data")), timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rfcn_tf.train: error: checkpoint {prefix} cannot be read, its "
+                           "files are truncated or corrupt ("), last
+    assert last.endswith("set model_checkpoint_path in model_dir/checkpoint to its "
+                         "ckpt-<step>"), last
+    assert not os.path.exists(model_dir / "config.yaml")
+
+
+def test_an_unreadable_backup_is_refused_in_one_line(tmp_path):
+    """An unfinished run's fault-tolerance backup that cannot be read is refused in one
+    line naming it and saying that deleting model_dir/backup continues from the latest
+    ckpt-<step>; no traceback."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    model_dir = tmp_path / "run"
+    backup = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)),
+                                        str(model_dir / "backup" / "chief"), 1).save()
+    _truncate_data_file(backup)
+    result = run(train_command(str(model_dir), tiny_override(tmp_path / "data")), timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rfcn_tf.train: error: checkpoint {backup} cannot be read"), last
+    assert last.endswith("delete model_dir/backup to continue from the latest ckpt-<step> "
+                         "instead"), last

@@ -31,6 +31,7 @@ import tf_keras
 
 from rfcn_tf import configs
 from rfcn_tf.evaluation import report
+from rfcn_tf.export import error_line
 from rfcn_tf.modeling.rfcn_model import dummy_inputs
 from rfcn_tf.training import callbacks as callbacks_lib
 from rfcn_tf.training import distribution
@@ -47,6 +48,17 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message says where and what to try."""
+
+
+class CheckpointReadError(ValueError):
+    """Checkpoint files that cannot be read (truncated, corrupt, a shard missing); the
+    message names the checkpoint, TensorFlow's reason and what to do."""
+
+
+# What reading a checkpoint's files raises when they are damaged: tf.errors.OpError
+# (DataLossError for a checksum mismatch, NotFoundError for a missing shard, ...), and
+# IndexError ("Read less bytes than requested") from the reader for a truncated file.
+_UNREADABLE_CHECKPOINT_ERRORS = (tf.errors.OpError, IndexError)
 
 
 @dataclasses.dataclass
@@ -149,21 +161,30 @@ def _mismatch_detail(error: Exception) -> str:
     return reason + (f" (first: {', '.join(names)})" if names else "")
 
 
+def _unreadable(path: str, error: Exception, advice: str) -> CheckpointReadError:
+    return CheckpointReadError(f"checkpoint {path} cannot be read, its files are truncated or "
+                               f"corrupt ({error_line(error)}); {advice}")
+
+
 def restore_matching(checkpoint: tf.train.Checkpoint, path: str, partial: bool,
-                     advice: str) -> None:
+                     advice: str, unreadable_advice: str) -> None:
     """Restores the checkpoint `path` into `checkpoint`'s built objects.
 
     Every built object must get a value from `path`; with `partial`, `path` may hold
     more (e.g. a training checkpoint's optimizer slots when only the model is restored).
     Raises ConfigError "checkpoint <path> does not match the configured model (<advice>):
     <TensorFlow's reason (_mismatch_detail)>" when a variable has another shape in `path`
-    or no value there.
+    or no value there, and CheckpointReadError "checkpoint <path> cannot be read, its
+    files are truncated or corrupt (<TensorFlow's reason>); <unreadable_advice>" when its
+    files cannot be read.
     """
     try:
         status = checkpoint.restore(path)
         if partial:
             status = status.expect_partial()
         status.assert_existing_objects_matched()
+    except _UNREADABLE_CHECKPOINT_ERRORS as e:
+        raise _unreadable(path, e, unreadable_advice) from e
     except (AssertionError, ValueError) as e:
         raise configs.ConfigError(f"checkpoint {path} does not match the configured model "
                                   f"({advice}): {_mismatch_detail(e)}") from e
@@ -172,13 +193,16 @@ def restore_matching(checkpoint: tf.train.Checkpoint, path: str, partial: bool,
 def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[str]:
     """Restores model_dir's latest ckpt-<step> into `checkpoint` (built objects); returns its
     path, or None when there is none. Raises ConfigError (restore_matching) when it does
-    not fit the configured model."""
+    not fit the configured model, CheckpointReadError when its files cannot be read."""
     latest = tf.train.latest_checkpoint(model_dir)
     if latest is None:
         return None
     restore_matching(checkpoint, latest, partial=False,
                      advice="was model_dir written with a different model config? use a new "
-                            "--model_dir or that run's model settings")
+                            "--model_dir or that run's model settings",
+                     unreadable_advice="to continue from an earlier checkpoint, set "
+                                       "model_checkpoint_path in model_dir/checkpoint to its "
+                                       "ckpt-<step>")
     return latest
 
 
@@ -242,7 +266,11 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     if unfinished:
         # BackupAndRestore restores the backup again when fit starts; reading it now
         # gives the step that the input pipeline continues from.
-        tf.train.Checkpoint(model=trainer).read(unfinished).expect_partial()
+        try:
+            tf.train.Checkpoint(model=trainer).read(unfinished).expect_partial()
+        except _UNREADABLE_CHECKPOINT_ERRORS as e:
+            raise _unreadable(unfinished, e, "delete model_dir/backup to continue from the "
+                                             "latest ckpt-<step> instead") from e
     start_step = int(optimizer.iterations.numpy())
     trainer._train_counter.assign(start_step)  # TensorBoard's batch step continues too.
     initial_epoch = start_step // train.steps_per_epoch
@@ -339,11 +367,13 @@ def resolve_checkpoint(path: str) -> str:
 def restore_detector(model_config: configs.ModelConfig, checkpoint_path: str) -> tf_keras.Model:
     """A detector built from `model_config` with the weights of a training checkpoint.
 
-    Raises ConfigError (restore_matching) when the checkpoint does not fit `model_config`.
+    Raises ConfigError (restore_matching) when the checkpoint does not fit `model_config`,
+    CheckpointReadError when its files cannot be read.
     """
     detector = _build_model(model_config, load_pretrained=False)
     restore_matching(tf.train.Checkpoint(model=detector), checkpoint_path, partial=True,
-                     advice="use the training run's config.yaml, or its model settings")
+                     advice="use the training run's config.yaml, or its model settings",
+                     unreadable_advice="use another checkpoint of the run")
     return detector
 
 
