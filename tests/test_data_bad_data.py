@@ -449,3 +449,46 @@ def test_conversion_never_replaces_its_input(tmp_path):
         converters.convert_tfrecord(result.tfrecord_files[0], "trainval", out, overwrite=True,
                                     show_progress=False)
     assert os.path.isfile(result.tfrecord_files[0])
+
+
+def test_tfrecord_elements_are_named_by_their_stored_source_id(tmp_path, caplog):
+    """A record whose image/source_id is not a decimal number ("img_0042.jpg") is named by
+    that string, not by its hashed int64 id, in the dropped-objects warning and in the
+    strict_label_map failure; one with an empty image/source_id by its int64 id. The
+    batches keep their keys and int64 ids."""
+    path = str(tmp_path / "named.tfrecord")
+    last = tfrecord.INSPECTED_RECORDS  # the first record check_files does not inspect
+    good = image_bytes(H, W, "JPEG", seed=1)
+    _write_foreign(path, [(good, [[0.1, 0.1, 0.5, 0.5]], [1])] * last + [
+        (good, [[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.6, 0.6]], [1, 7]),  # a label outside
+        (good, [[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.2, 0.4]], [1, 2])])  # a zero-height box
+    examples = [tf.train.Example.FromString(raw)
+                for raw in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    new_ids = {last: b"img_0042.jpg", last + 1: b""}
+    _rewritten(path, examples, lambda i, f: i in new_ids and f[
+        tfrecord.SOURCE_ID].bytes_list.value.__setitem__(0, new_ids[i]))
+    cfg = DataConfig(format="tfrecord", path=path, is_training=False, short_side=H,
+                     max_side=W, class_names=["cat", "dog"], include_filename=True)
+    with caplog.at_level("WARNING"):
+        got = _drain(input_pipeline.build_dataset(cfg, 1))
+    assert set(got[f"{last}.jpg"]) == {"images", "image_info", "gt_boxes", "gt_classes",
+                                       "gt_difficult", "gt_is_crowd", "gt_area", "source_id",
+                                       "filename"}
+    assert got[f"{last}.jpg"]["source_id"] >= 10 ** 18  # hashed
+    empty_id = got[f"{last + 1}.jpg"]["source_id"]
+    dropped = sorted(r.getMessage() for r in caplog.records
+                     if "dropped objects of" in r.getMessage())
+    assert len(dropped) == 2
+    assert (f"dropped objects of {last}.jpg (source_id img_0042.jpg): class id(s) [7] "
+            "outside the label map") in dropped[0]
+    assert (f"dropped objects of {last + 1}.jpg (source_id {empty_id}): 1 box(es) "
+            "non-finite") in dropped[1]
+
+    strict = DataConfig(format="tfrecord", path=path, is_training=False, short_side=H,
+                        max_side=W, class_names=["cat", "dog"], strict_label_map=True)
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        for _ in input_pipeline.build_dataset(strict, 1):
+            pass
+    assert input_pipeline.strict_label_failure(raised.value) == (
+        f"{last}.jpg (source_id img_0042.jpg) has class id(s) [7] outside the label map "
+        "(ids 1..2: cat, dog) and strict_label_map is true")

@@ -144,8 +144,9 @@ def _fit(values: tf.Tensor, n: tf.Tensor, fill=0) -> tf.Tensor:
 def parse_example(serialized: tf.Tensor) -> dict:
     """In-graph parse of one serialized tf.Example (image left encoded).
 
-    Returns: encoded string, source_id int64, filename string, boxes float32
-    [N, 4] normalized (ymin, xmin, ymax, xmax), classes int32 [N],
+    Returns: encoded string, source_id int64 (source_id_to_int), source_id_text
+    string (image/source_id as stored, for naming the record in messages), filename
+    string, boxes float32 [N, 4] normalized (ymin, xmin, ymax, xmax), classes int32 [N],
     difficult bool [N], is_crowd bool [N], area float32 [N] (pixels of the
     original image; -1 where the record gives none).
     """
@@ -156,6 +157,7 @@ def parse_example(serialized: tf.Tensor) -> dict:
     return {
         "encoded": parsed[ENCODED],
         "source_id": source_id_to_int(parsed[SOURCE_ID], parsed[ENCODED]),
+        "source_id_text": parsed[SOURCE_ID],
         "filename": parsed[FILENAME],
         "boxes": tf.stack([c[:n] for c in coords], axis=-1),
         "classes": labels[:n],
