@@ -5,8 +5,8 @@
 #   scripts/train.sh [CONFIG] [MODEL_DIR] [PARAMS_OVERRIDE]
 #
 # CONFIG           experiment YAML (default: configs/rfcn_synthetic.yaml, the embedded
-#                  default: a generated shapes dataset; training took 14.7 min on 2
-#                  shared CPU cores, see the README)
+#                  default: a generated shapes dataset; training took 5.0 min on 2
+#                  CPU cores, see the README)
 # MODEL_DIR        checkpoints, logs, results (default: runs/<config name>); re-running
 #                  with the same MODEL_DIR continues the run instead of starting over
 # PARAMS_OVERRIDE  "a.b=1,c.d=x" overrides on top of CONFIG (default: none)
