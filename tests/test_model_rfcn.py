@@ -296,3 +296,45 @@ def test_mixed_precision_keeps_boxes_and_losses_float32():
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
     for key in DETECTION_KEYS + ("rpn_proposals",):
         assert out[key].dtype == tf.float32, key
+
+
+@pytest.mark.parametrize("use_ohem", [True, False], ids=["ohem", "sampled"])
+def test_detect_with_losses_is_one_pass_of_detections_and_validation_losses(use_ohem,
+                                                                             monkeypatch):
+    """detect_with_losses gives model(inputs, training=False)'s outputs and
+    compute_losses(inputs, training=False)'s terms (same sampling seed) from one run of
+    the backbone, RPN and score maps; DetectionTrainer.evaluation_outputs uses it and adds
+    compute_all_losses' l2_loss and loss."""
+    from rfcn_tf.training.trainer import DetectionTrainer  # pylint: disable=import-outside-toplevel
+    model = build_model(mtu.tiny_config(psroi_impl="portable", ohem=use_ohem))
+    inputs = dict(mtu.random_batch(2, 64, 96, seed=3))
+    inputs["sampling_seed"] = tf.constant([5, -1], tf.int64)
+    detections = model(mtu.inference_inputs(inputs), training=False)
+    losses = model.compute_losses(inputs, training=False)
+
+    passes = {"rpn": 0, "score_maps": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            passes[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(model, "_rpn_forward", counted("rpn", model._rpn_forward))  # pylint: disable=protected-access
+    monkeypatch.setattr(model.head, "score_maps", counted("score_maps", model.head.score_maps))
+    both = model.detect_with_losses(inputs)
+    assert passes == {"rpn": 1, "score_maps": 1}
+    assert set(both) == set(detections) | set(LOSS_KEYS)
+    for key, value in detections.items():
+        np.testing.assert_allclose(both[key].numpy(), value.numpy(), atol=1e-5, err_msg=key)
+    for key in LOSS_KEYS:
+        assert both[key].numpy() == pytest.approx(losses[key].numpy(), rel=1e-5, abs=1e-6), key
+
+    trainer = DetectionTrainer(model, list(LOSS_KEYS[:-1]), weight_decay=1e-4, sampling_seed=5)
+    batch = {k: inputs[k] for k in ("images", "image_info", "gt_boxes", "gt_classes")}
+    expected = trainer.compute_all_losses(batch, training=False)
+    outputs = trainer.evaluation_outputs(batch, with_losses=True)
+    for key in ("model_loss", "l2_loss", "loss"):
+        assert outputs[key].numpy() == pytest.approx(expected[key].numpy(), rel=1e-5), key
+    assert expected["l2_loss"].numpy() > 0
+    np.testing.assert_allclose(outputs["detection_boxes"].numpy(),
+                               detections["detection_boxes"].numpy(), atol=1e-5)

@@ -110,13 +110,19 @@ class PositionSensitiveHead(tf_keras.layers.Layer):
         voted = tf.reduce_mean(pooled, axis=[1, 2])
         return tf.reshape(voted, [batch, num_rois, maps.shape[-1] // cfg["group_size"] ** 2])
 
-    def call(self, features, boxes):
-        class_maps, box_maps = self.score_maps(features)
+    def pool(self, maps, boxes):
+        """(class_logits, box_deltas) of `boxes` [B, R, 4] (input pixels) on `maps`, the
+        pair that score_maps returns: what call(features, boxes) returns for the
+        features of those maps, so that one set of maps serves several sets of boxes."""
+        class_maps, box_maps = maps
         rois = boxes_to_psroi_rois(boxes)
         batch, num_rois = tf.shape(boxes)[0], tf.shape(boxes)[1]
         class_logits = self._pool_and_vote(class_maps, rois, batch, num_rois)
         box_deltas = self._pool_and_vote(box_maps, rois, batch, num_rois)
         return class_logits, box_deltas
+
+    def call(self, features, boxes):
+        return self.pool(self.score_maps(features), boxes)
 
     def get_config(self):
         return {**super().get_config(), **self._config_dict}

@@ -32,6 +32,8 @@ image_info ([B, 4, 2]), gt_boxes ([B, *, 4]) and gt_classes ([B, *]) are checked
   terms rpn_score_loss, rpn_box_loss, rfcn_class_loss, rfcn_box_loss and their
   weighted sum model_loss (scalars), plus the training rpn_proposals and
   rpn_proposal_scores. `compute_losses(inputs)` returns only the losses.
+`detect_with_losses(inputs)` (needs gt_boxes, gt_classes) returns the inference
+  outputs and the inference-mode loss terms of one forward pass (validation).
 Weight decay is not part of model_loss: `weight_decay_variables()` lists the
   kernels it applies to (batch-norm and bias variables are excluded).
 
@@ -209,8 +211,13 @@ class RfcnModel(tf_keras.Model):
 
     def _detect(self, images, image_info) -> Dict[str, tf.Tensor]:
         out = self._rpn_forward(images, image_info, training=False)
+        return self._detections(out, self.head(out["conv5"], out["proposals"]), image_info)
+
+    def _detections(self, out, head_outputs, image_info) -> Dict[str, tf.Tensor]:
+        """The inference outputs from the RPN pass `out` and the head's (class_logits,
+        box_deltas) of its proposals."""
         proposals = out["proposals"]
-        class_logits, box_deltas = self.head(out["conv5"], proposals)
+        class_logits, box_deltas = head_outputs
         detections = self.detection_generator(class_logits, box_deltas, proposals,
                                               rpn.valid_boxes(proposals), image_info)
         detections["rpn_proposals"] = proposals
@@ -219,11 +226,13 @@ class RfcnModel(tf_keras.Model):
 
     # ---------------------------------------------------------- training ----
 
-    def _second_stage_losses(self, conv5, targets, seed) -> Dict[str, tf.Tensor]:
+    def _second_stage_losses(self, head_on, targets, seed) -> Dict[str, tf.Tensor]:
+        """rfcn_class_loss and rfcn_box_loss of the labelled RoIs `targets`; head_on(rois
+        [B, R, 4]) gives the head's (class_logits, box_deltas) of RoIs."""
         cfg = self._model_config
         delta = cfg.loss.rfcn_huber_delta
         if cfg.roi_sampler.ohem:
-            class_logits, box_deltas = self.head(conv5, targets["rois"])
+            class_logits, box_deltas = head_on(targets["rois"])
             roi_losses = ohem.per_roi_losses(class_logits, box_deltas, targets["labels"],
                                              targets["box_targets"], delta)
             weights = ohem.select_hard_examples(
@@ -232,17 +241,19 @@ class RfcnModel(tf_keras.Model):
         else:
             targets = roi_targets.sample_rois(targets, cfg.roi_sampler.rois_per_image,
                                               cfg.roi_sampler.foreground_fraction, seed=seed)
-            class_logits, box_deltas = self.head(conv5, targets["rois"])
+            class_logits, box_deltas = head_on(targets["rois"])
             weights = targets["weights"]
         return losses_lib.rfcn_losses(class_logits, box_deltas, targets["labels"],
                                       targets["box_targets"], weights, huber_delta=delta)
 
-    def _train_forward(self, inputs, training) -> Dict[str, tf.Tensor]:
+    def _checked_training_inputs(self, inputs) -> Dict[str, tf.Tensor]:
+        """image_info, gt_boxes (float32), gt_classes (int32), gt_valid of a batch with
+        ground truth, checked (checked_inputs), with at least one ground-truth column."""
         missing = [k for k in ("gt_boxes", "gt_classes") if k not in inputs]
         if missing:
-            raise ValueError(f"RfcnModel: training=True needs the inputs {missing} "
-                             f"(got keys {sorted(inputs)}); call with training=False to detect")
-        cfg = self._model_config
+            raise ValueError(f"RfcnModel: the losses (training=True, compute_losses, "
+                             f"detect_with_losses) need the inputs {missing} (got keys "
+                             f"{sorted(inputs)}); call with training=False to detect")
         checked = checked_inputs(inputs, ("image_info", "gt_boxes", "gt_classes"))
         gt_boxes = tf.cast(checked["gt_boxes"], tf.float32)
         gt_classes = tf.cast(checked["gt_classes"], tf.int32)
@@ -252,8 +263,16 @@ class RfcnModel(tf_keras.Model):
         missing_rows = tf.maximum(1 - tf.shape(gt_classes)[1], 0)
         gt_boxes = tf.pad(gt_boxes, [[0, 0], [0, missing_rows], [0, 0]])
         gt_classes = tf.pad(gt_classes, [[0, 0], [0, missing_rows]], constant_values=-1)
-        gt_valid = ground_truth_valid(gt_boxes, gt_classes)
-        out = self._rpn_forward(inputs["images"], checked["image_info"], training=training)
+        return {"image_info": checked["image_info"], "gt_boxes": gt_boxes,
+                "gt_classes": gt_classes, "gt_valid": ground_truth_valid(gt_boxes, gt_classes)}
+
+    def _loss_terms(self, inputs, ground_truth, out, head_on) -> Dict[str, tf.Tensor]:
+        """The loss terms (LOSS_KEYS) and the proposals of the RPN pass `out` on the batch
+        `inputs` (its sampling_seed) with `ground_truth` (_checked_training_inputs);
+        head_on as in _second_stage_losses."""
+        cfg = self._model_config
+        gt_boxes, gt_classes, gt_valid = (ground_truth[k]
+                                          for k in ("gt_boxes", "gt_classes", "gt_valid"))
         anchor_seed, roi_seed = None, None
         if inputs.get("sampling_seed") is not None:
             seed = inputs["sampling_seed"]
@@ -277,7 +296,7 @@ class RfcnModel(tf_keras.Model):
             background_iou_high=cfg.roi_sampler.background_iou_high,
             background_iou_low=cfg.roi_sampler.background_iou_low,
             box_stds=cfg.roi_sampler.box_stds)
-        result.update(self._second_stage_losses(out["conv5"], targets, roi_seed))
+        result.update(self._second_stage_losses(head_on, targets, roi_seed))
 
         weights = cfg.loss
         result["model_loss"] = (weights.rpn_class_weight * result["rpn_score_loss"]
@@ -287,6 +306,12 @@ class RfcnModel(tf_keras.Model):
         result["rpn_proposals"] = proposals
         result["rpn_proposal_scores"] = out["proposal_scores"]
         return result
+
+    def _train_forward(self, inputs, training) -> Dict[str, tf.Tensor]:
+        ground_truth = self._checked_training_inputs(inputs)
+        out = self._rpn_forward(inputs["images"], ground_truth["image_info"], training=training)
+        return self._loss_terms(inputs, ground_truth, out,
+                                lambda rois: self.head(out["conv5"], rois))
 
     # ------------------------------------------------------------ public ----
 
@@ -316,6 +341,22 @@ class RfcnModel(tf_keras.Model):
         else:
             result = self._train_forward(inputs, training=False)
         return {k: result[k] for k in LOSS_KEYS}
+
+    @tf.autograph.experimental.do_not_convert
+    def detect_with_losses(self, inputs) -> Dict[str, tf.Tensor]:
+        """What model(inputs, training=False) returns plus the loss terms (LOSS_KEYS) that
+        compute_losses(inputs, training=False) returns, from one inference-mode pass: the
+        backbone, RPN, proposals and score maps run once for both (a validation pass
+        with detections and losses; calling the two took 1.7x the wall and 1.9x the CPU
+        time of this, bench/eval_pass.py)."""
+        ground_truth = self._checked_training_inputs(inputs)
+        image_info = ground_truth["image_info"]
+        out = self._rpn_forward(inputs["images"], image_info, training=False)
+        maps = self.head.score_maps(out["conv5"])
+        detections = self._detections(out, self.head.pool(maps, out["proposals"]), image_info)
+        losses = self._loss_terms(inputs, ground_truth, out,
+                                  lambda rois: self.head.pool(maps, rois))
+        return {**detections, **{k: losses[k] for k in LOSS_KEYS}}
 
     def weight_decay_variables(self) -> List[tf.Variable]:
         """The trainable convolution kernels weight decay applies to (no BN, no biases)."""

@@ -40,15 +40,21 @@ TRAIN_KEYS = ("images", "image_info", "gt_boxes", "gt_classes")
 
 
 class DetectionTrainer(tf_keras.Model):
-    """Trains `detector` with the loss terms it computes plus L2 weight decay."""
+    """Trains `detector` with the loss terms it computes plus L2 weight decay.
+
+    The detector (an RfcnModel) gives detections from call(inputs, training=False), the
+    loss terms from compute_losses(inputs, training), and both from one pass with
+    detect_with_losses(inputs) (evaluation with losses).
+    """
 
     def __init__(self, detector: tf_keras.Model, loss_names: Sequence[str],
                  weight_decay: float, sampling_seed: int = 0, **kwargs):
         """Args:
           detector: the R-FCN model (`rfcn_tf.modeling`):
             `detector.compute_losses(batch, training)` returns a dict holding
-            every name in `loss_names` and "model_loss" (float32 scalars), and
-            `detector(batch, training=False)` the detection dict.
+            every name in `loss_names` and "model_loss" (float32 scalars),
+            `detector(batch, training=False)` the detection dict, and
+            `detector.detect_with_losses(batch)` both, in inference mode.
           loss_names: the detector's individual loss terms, in display order.
           weight_decay: L2 coefficient on the kernels
             (`optimizer.weight_decay_variables`).
@@ -84,15 +90,17 @@ class DetectionTrainer(tf_keras.Model):
             stream = -1 - replica
         return tf.stack([tf.constant(self.sampling_seed, tf.int64), stream])
 
-    def compute_all_losses(self, batch: Dict[str, tf.Tensor], training: bool
-                           ) -> Dict[str, tf.Tensor]:
-        """The detector's loss terms plus model_loss, l2_loss and loss (float32 scalars)."""
+    def _detector_inputs(self, batch: Dict[str, tf.Tensor], training: bool
+                         ) -> Dict[str, tf.Tensor]:
         inputs = {k: batch[k] for k in TRAIN_KEYS}
         inputs["sampling_seed"] = self._sampling_seed(training)
-        terms = self.detector.compute_losses(inputs, training=training)
+        return inputs
+
+    def _with_weight_decay(self, terms: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """The detector's loss terms plus model_loss, l2_loss and loss (float32 scalars)."""
         missing = [name for name in self.loss_names + ["model_loss"] if name not in terms]
         if missing:
-            raise ValueError(f"the detector's compute_losses did not return {missing} "
+            raise ValueError(f"the detector did not return the loss terms {missing} "
                              f"(it returned {sorted(terms)})")
         losses = {name: tf.cast(terms[name], tf.float32)
                   for name in self.loss_names + ["model_loss"]}
@@ -100,6 +108,13 @@ class DetectionTrainer(tf_keras.Model):
                                                             self.weight_decay)
         losses["loss"] = losses["model_loss"] + losses["l2_loss"]
         return losses
+
+    def compute_all_losses(self, batch: Dict[str, tf.Tensor], training: bool
+                           ) -> Dict[str, tf.Tensor]:
+        """The detector's loss terms plus model_loss, l2_loss and loss (float32 scalars)."""
+        return self._with_weight_decay(
+            self.detector.compute_losses(self._detector_inputs(batch, training),
+                                         training=training))
 
     def _report(self, losses: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         for name, tracker in self._trackers.items():
@@ -124,9 +139,12 @@ class DetectionTrainer(tf_keras.Model):
         return self._report(self.compute_all_losses(batch, training=False))
 
     def evaluation_outputs(self, batch, with_losses: bool) -> Dict[str, tf.Tensor]:
-        """Detections of `batch` in inference mode, plus the loss terms when asked."""
-        outputs = dict(self.detector({k: batch[k] for k in ("images", "image_info")},
-                                     training=False))
-        if with_losses:
-            outputs.update(self.compute_all_losses(batch, training=False))
+        """Detections of `batch` in inference mode, plus the loss terms of
+        compute_all_losses(batch, training=False) when asked, from the same forward pass
+        (the detector's detect_with_losses)."""
+        if not with_losses:
+            return dict(self.detector({k: batch[k] for k in ("images", "image_info")},
+                                      training=False))
+        outputs = dict(self.detector.detect_with_losses(self._detector_inputs(batch, False)))
+        outputs.update(self._with_weight_decay(outputs))
         return outputs
