@@ -338,3 +338,37 @@ def test_detect_with_losses_is_one_pass_of_detections_and_validation_losses(use_
     assert expected["l2_loss"].numpy() > 0
     np.testing.assert_allclose(outputs["detection_boxes"].numpy(),
                                detections["detection_boxes"].numpy(), atol=1e-5)
+
+
+def test_ground_truth_padding_is_cut_before_the_targets(monkeypatch):
+    """Ground truth padded to 100 rows, a valid row behind an invalid one: the targets see
+    only as many columns as an image has valid rows (valid rows first, in order), and the
+    losses are those of the unpadded ground truth (OHEM, same sampling seed)."""
+    from rfcn_tf.modeling import rpn_targets  # pylint: disable=import-outside-toplevel
+    model = build_model(mtu.tiny_config(psroi_impl="portable"))
+    compact = dict(mtu.random_batch(2, 64, 96, seed=4))  # image 0: 1 valid row, image 1: 2
+    compact["sampling_seed"] = tf.constant([3, 7], tf.int64)
+    padded = dict(compact)
+    boxes, classes = compact["gt_boxes"].numpy(), compact["gt_classes"].numpy()
+    padded_boxes = np.zeros((2, 100, 4), np.float32)
+    padded_classes = np.full((2, 100), -1, np.int32)
+    padded_boxes[0, 5], padded_classes[0, 5] = boxes[0, 0], classes[0, 0]  # behind padding
+    padded_boxes[1, :2], padded_classes[1, :2] = boxes[1], classes[1]
+    padded_boxes[1, 2] = [10, 10, 10, 30]  # a class but no height: invalid
+    padded_classes[1, 2] = 1
+    padded["gt_boxes"], padded["gt_classes"] = tf.constant(padded_boxes), tf.constant(
+        padded_classes)
+
+    seen = []
+    label_anchors = rpn_targets.label_anchors
+
+    def recording(anchors, gt_boxes, gt_valid, **kwargs):
+        seen.append((gt_boxes.numpy(), gt_valid.numpy()))
+        return label_anchors(anchors, gt_boxes, gt_valid, **kwargs)
+    monkeypatch.setattr(rpn_targets, "label_anchors", recording)
+    expected = model.compute_losses(compact, training=False)
+    got = model.compute_losses(padded, training=False)
+    np.testing.assert_array_equal(seen[1][0], boxes)
+    np.testing.assert_array_equal(seen[1][1], [[True, False], [True, True]])
+    for key in LOSS_KEYS:
+        assert got[key].numpy() == pytest.approx(expected[key].numpy(), rel=1e-6), key

@@ -247,8 +247,10 @@ class RfcnModel(tf_keras.Model):
                                       targets["box_targets"], weights, huber_delta=delta)
 
     def _checked_training_inputs(self, inputs) -> Dict[str, tf.Tensor]:
-        """image_info, gt_boxes (float32), gt_classes (int32), gt_valid of a batch with
-        ground truth, checked (checked_inputs), with at least one ground-truth column."""
+        """image_info, gt_boxes (float32 [B, M', 4]), gt_classes (int32 [B, M']) and
+        gt_valid (bool [B, M'], ground_truth_valid) of a batch with ground truth, checked
+        (checked_inputs): the valid rows of each image first, in their order, and M' the
+        largest number of valid rows of an image (at least 1)."""
         missing = [k for k in ("gt_boxes", "gt_classes") if k not in inputs]
         if missing:
             raise ValueError(f"RfcnModel: the losses (training=True, compute_losses, "
@@ -263,8 +265,17 @@ class RfcnModel(tf_keras.Model):
         missing_rows = tf.maximum(1 - tf.shape(gt_classes)[1], 0)
         gt_boxes = tf.pad(gt_boxes, [[0, 0], [0, missing_rows], [0, 0]])
         gt_classes = tf.pad(gt_classes, [[0, 0], [0, missing_rows]], constant_values=-1)
-        return {"image_info": checked["image_info"], "gt_boxes": gt_boxes,
-                "gt_classes": gt_classes, "gt_valid": ground_truth_valid(gt_boxes, gt_classes)}
+        gt_valid = ground_truth_valid(gt_boxes, gt_classes)
+        # Only as many columns as the batch has valid rows in one image, valid rows first
+        # (stable): the anchor and RoI targets' IoU matrices and the ground-truth RoIs of
+        # the second stage grow with M, and the data pipeline pads M to max_boxes (100).
+        columns = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(gt_valid, tf.int32), 1)), 1)
+        order = tf.argsort(tf.cast(gt_valid, tf.int32), axis=1, direction="DESCENDING",
+                           stable=True)[:, :columns]
+        return {"image_info": checked["image_info"],
+                "gt_boxes": tf.gather(gt_boxes, order, batch_dims=1),
+                "gt_classes": tf.gather(gt_classes, order, batch_dims=1),
+                "gt_valid": tf.gather(gt_valid, order, batch_dims=1)}
 
     def _loss_terms(self, inputs, ground_truth, out, head_on) -> Dict[str, tf.Tensor]:
         """The loss terms (LOSS_KEYS) and the proposals of the RPN pass `out` on the batch
