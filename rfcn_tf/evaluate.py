@@ -37,7 +37,7 @@ from absl import app, flags, logging
 
 from rfcn_tf import configs
 from rfcn_tf.evaluation import report
-from rfcn_tf.export import error_line, graph_ops
+from rfcn_tf.export import graph_ops
 from rfcn_tf.export.saved_model import METADATA_ASSET, read_metadata
 from rfcn_tf.training import cli_errors, eval_loop, experiment, loop
 
@@ -109,8 +109,9 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
     Raises ConfigError for tfrecord eval_data, a SavedModel of other classes
     (check_saved_model_classes) or without a uint8 image signature, and
     FileNotFoundError when there is no SavedModel at `saved_model`, and
-    graph_ops.InvalidSavedModelError when it cannot be loaded (a corrupt saved_model.pb or
-    variables file).
+    graph_ops.SavedModelLoadError when it cannot be loaded (graph_ops.load_saved_model:
+    a corrupt saved_model.pb or variables file, a custom-op export without the op
+    library).
     """
     from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
     if config.eval_data.format == "tfrecord":
@@ -123,11 +124,7 @@ def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,
     source = sources.open_source(config.eval_data)
     names = [n or f"class_{i}" for i, n in enumerate(source.label_map.names, start=1)]
     check_saved_model_classes(saved_model, names)
-    try:
-        loaded = tf.saved_model.load(saved_model)
-    except (OSError, ValueError, tf.errors.OpError) as e:
-        raise graph_ops.InvalidSavedModelError(
-            f"SavedModel {saved_model} cannot be loaded ({error_line(e)}); re-export it") from e
+    loaded = graph_ops.load_saved_model(saved_model)
     serve = None
     for key in IMAGE_SIGNATURES:
         candidate = loaded.signatures.get(key)
@@ -154,7 +151,7 @@ def main(argv):
         raise app.UsageError("give exactly one of --checkpoint and --saved_model")
     target = FLAGS.checkpoint or FLAGS.saved_model
     errors = (*cli_errors.USER_ERRORS, loop.CheckpointReadError,
-              graph_ops.InvalidSavedModelError)
+              graph_ops.SavedModelLoadError)
     with cli_errors.exit_on_user_error("rfcn_tf.evaluate", errors):
         config_file = FLAGS.config_file or find_run_config(target)
         if config_file is None:

@@ -23,11 +23,9 @@ import os
 import sys
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
-import tensorflow as tf
 from absl import app, flags
 
 from rfcn_tf.export import error_line, graph_ops, predictor, require_flags
-from rfcn_tf.ops import op_library
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model", None, "Exported SavedModel directory (export_dir/<version>).")
@@ -49,18 +47,9 @@ def main(argv):
         sys.exit(f"rfcn_tf.predict: error: no files match --images={FLAGS.images!r}")
     try:
         detector = predictor.load_detector(FLAGS.saved_model)
-    except op_library.OpLibraryUnavailableError as error:
-        # The library's reason, with advice for this command instead of its build /
-        # Python API advice.
-        sys.exit(f"rfcn_tf.predict: error: {FLAGS.saved_model} uses the custom RfcnPsRoiPool "
-                 f"op (--psroi_impl=custom), which cannot be loaded here: {error.reason} "
-                 "Re-export the model with --psroi_impl=portable (stock TensorFlow ops only), "
-                 "or build the op library (pip install --no-build-isolation -e . in the "
-                 "repository).")
-    except graph_ops.InvalidSavedModelError as error:  # its message names the directory
+    except graph_ops.SavedModelLoadError as error:  # its message names the directory
         sys.exit(f"rfcn_tf.predict: error: {error}")
-    except (ValueError, OSError, tf.errors.OpError) as error:  # tf.saved_model.load's
-        # errors (e.g. missing variables), unreadable assets
+    except (ValueError, OSError) as error:  # unreadable assets (metadata, label map)
         sys.exit(f"rfcn_tf.predict: error: cannot load the SavedModel {FLAGS.saved_model}: "
                  f"{error_line(error)}")
     try:  # once the model loaded: a command that fails leaves no output_dir behind

@@ -72,7 +72,10 @@ def run_train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool) 
 
 def run_eval(config: configs.ExperimentConfig, model_dir: str) -> None:
     checkpoint = loop.resolve_checkpoint(model_dir)
-    output = loop.evaluate_checkpoint(config, checkpoint)
+    output = loop.evaluate_checkpoint(
+        config, checkpoint, unreadable_advice="to evaluate an earlier checkpoint, run python "
+                                              "-m rfcn_tf.evaluate --checkpoint=<model_dir>/"
+                                              "ckpt-<step>")
     path = report.write_eval_results(output.results,
                                      os.path.join(model_dir, loop.EVAL_RESULTS_FILE))
     _print_block("Wrote", [path])

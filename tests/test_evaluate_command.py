@@ -177,7 +177,8 @@ def test_unreadable_checkpoint_is_a_checkpoint_read_error(tmp_path, damage):
     assert "\n" not in message, message
     assert message.startswith(f"checkpoint {prefix} cannot be read, its files are truncated "
                               f"or corrupt ("), message
-    assert message.endswith("); use another checkpoint of the run"), message
+    assert message.endswith("); use another checkpoint of the run "
+                            "(--checkpoint=<model_dir>/ckpt-<step>)"), message
 
 
 def test_unreadable_checkpoint_is_a_one_line_command_error(tmp_path):
@@ -193,21 +194,26 @@ def test_unreadable_checkpoint_is_a_one_line_command_error(tmp_path):
     assert re.search("checksum does not match", last, re.IGNORECASE), last
 
 
-def test_saved_model_that_cannot_be_loaded_is_a_one_line_command_error(tmp_path):
-    """A SavedModel whose saved_model.pb is cut short is refused in one line (it was a
-    traceback from tf.saved_model.load)."""
+@pytest.mark.parametrize("damage", ["saved_model.pb", "variables"])
+def test_saved_model_that_cannot_be_loaded_is_a_one_line_command_error(tmp_path, damage):
+    """A SavedModel whose saved_model.pb is cut short, or whose variables data file is
+    damaged, is refused in one line (it was a traceback from tf.saved_model.load)."""
     ensure_synthetic(tmp_path / "data")
     export = _fake_export(tmp_path / "export", list(SYNTHETIC_CLASSES), detected_class=1)
-    pb = os.path.join(export, "saved_model.pb")
-    with open(pb, "rb") as f:
-        head = f.read(200)
-    with open(pb, "wb") as f:
-        f.write(head)
+    if damage == "saved_model.pb":
+        pb = os.path.join(export, "saved_model.pb")
+        with open(pb, "rb") as f:
+            head = f.read(200)
+        with open(pb, "wb") as f:
+            f.write(head)
+        expected = f"rfcn_tf.evaluate: error: {export} is not a valid SavedModel: "
+    else:
+        _damage_checkpoint(os.path.join(export, "variables", "variables"), "flipped")
+        expected = f"rfcn_tf.evaluate: error: cannot load the SavedModel {export}: "
     result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--saved_model={export}",
                   f"--config_file={DEFAULT_CONFIG}",
                   f"--params_override={tiny_override(tmp_path / 'data')}"], timeout=180)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = _last_line(result.stderr)
-    assert last.startswith(f"rfcn_tf.evaluate: error: SavedModel {export} cannot be loaded ("), last
-    assert last.endswith("; re-export it"), last
+    assert last.startswith(expected), last

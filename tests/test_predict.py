@@ -6,6 +6,7 @@ refuses is skipped with the refusal's own message."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -171,3 +172,35 @@ def test_a_custom_op_export_without_the_op_library_is_a_one_line_error(tmp_path)
     assert "is not built" in error and "--psroi_impl=portable" in error
     assert "implementation=" not in error  # the Python API's advice does not apply here
     assert not (tmp_path / "out").exists()
+
+
+def test_a_custom_op_export_loads_in_a_fresh_process(tmp_path):
+    """graph_ops.load_saved_model (used by rfcn_tf.evaluate and the predictor) loads the
+    compiled op library for a custom-op export: in a process that has not loaded it,
+    tf.saved_model.load alone fails ("Op type not registered 'RfcnPsRoiPool'")."""
+    from rfcn_tf.ops import op_library  # pylint: disable=import-outside-toplevel
+    from rfcn_tf.export import saved_model  # pylint: disable=import-outside-toplevel
+    if not op_library.is_available():
+        pytest.skip("compiled op library unavailable")
+    config, detector = ef.trained()
+    path = saved_model.export_detector(detector, config, str(tmp_path / "export"),
+                                       psroi_impl="custom", class_names=ef.CLASS_NAMES,
+                                       extra_signatures=False)
+    script = ("import sys\n"
+              "import rfcn_tf\n"
+              "import tensorflow as tf\n"
+              "from rfcn_tf.export import graph_ops\n"
+              "try:\n"
+              "    tf.saved_model.load(sys.argv[1])\n"
+              "except Exception as error:\n"
+              "    print('plain load:', type(error).__name__)\n"
+              "loaded = graph_ops.load_saved_model(sys.argv[1])\n"
+              "image = tf.zeros([1, 96, 128, 3], tf.uint8)\n"
+              "print('detections:', loaded.signatures['serving_default'](input_tensor=image)"
+              "['detection_boxes'].shape)\n")
+    result = subprocess.run([sys.executable, "-c", script, path], cwd=ef.REPO,
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "plain load: RuntimeError" in result.stdout, result.stdout
+    assert re.search(r"detections: \(1, \d+, 4\)", result.stdout), result.stdout

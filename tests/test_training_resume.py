@@ -205,7 +205,7 @@ def test_an_unreadable_latest_checkpoint_is_refused_in_one_line(tmp_path):
 def test_an_unreadable_backup_is_refused_in_one_line(tmp_path):
     """An unfinished run's fault-tolerance backup that cannot be read is refused in one
     line naming it and saying that deleting model_dir/backup continues from the latest
-    ckpt-<step>; no traceback."""
+    ckpt-<step>; no traceback, config.yaml not written."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     model_dir = tmp_path / "run"
     backup = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)),
@@ -218,3 +218,4 @@ def test_an_unreadable_backup_is_refused_in_one_line(tmp_path):
     assert last.startswith(f"rfcn_tf.train: error: checkpoint {backup} cannot be read"), last
     assert last.endswith("delete model_dir/backup to continue from the latest ckpt-<step> "
                          "instead"), last
+    assert not os.path.exists(model_dir / "config.yaml")

@@ -56,9 +56,10 @@ first MAX_DROP_WARNINGS of each dataset). With `strict_label_map`, a class id
 outside the label map instead fails the pipeline there: InvalidArgumentError
 ("assertion failed: [...]") naming the image (filename and source id), the ids
 and the label map. This step is past the decode step, so the error is not skipped.
-Messages name an element "<filename> (source_id <id>)": <id> is a TFRecord's
-image/source_id string as stored (e.g. "img_0042.jpg", whose int64 source_id is
-a hash), else the int64 source_id.
+The dropped-objects warning and the strict_label_map failure name an element
+"<filename> (source_id <id>)": <id> is a TFRecord's image/source_id string as
+stored (e.g. "img_0042.jpg", whose int64 source_id is a hash; the int64 when the
+string is empty), else the int64 source_id.
 
 Randomness is stateless: each element gets its own seed from a
 tf.data.Dataset.random stream, seeded with `seed` (+ the input pipeline id)

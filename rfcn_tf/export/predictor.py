@@ -40,18 +40,14 @@ Detector = Tuple[Callable[[bytes], Tuple[np.ndarray, Dict[str, np.ndarray]]], Di
 def load_detector(saved_model_dir: str) -> Detector:
     """(detect, class names) of an export. Uses the export's uint8 image signature when it
     has one, else its serving_default whatever its input type. A custom-op export needs
-    the compiled op library, loaded here: raises op_library.OpLibraryUnavailableError
-    when it cannot be (its message says how to build it). A directory that cannot be
-    loaded raises FileNotFoundError (no saved_model.pb), graph_ops.InvalidSavedModelError
-    (saved_model.pb is not a SavedModel), or what tf.saved_model.load and the asset
-    readers raise (ValueError, OSError, tf.errors.OpError, DataError for a bad label map).
+    the compiled op library, loaded here. An export that cannot be loaded raises what
+    graph_ops.load_saved_model raises (FileNotFoundError, graph_ops.SavedModelLoadError),
+    and one whose assets cannot be read what the asset readers raise (ValueError,
+    OSError, DataError for a bad label map).
 
     detect raises tf.errors.InvalidArgumentError for bytes that cannot be decoded or that
     the export's signature refuses (its in-graph checks)."""
-    if graph_ops.custom_ops(graph_ops.saved_model_op_types(saved_model_dir)):
-        from rfcn_tf.ops import op_library  # pylint: disable=import-outside-toplevel
-        op_library.load()
-    loaded = tf.saved_model.load(saved_model_dir)
+    loaded = graph_ops.load_saved_model(saved_model_dir)
     metadata = saved_model_lib.read_metadata(saved_model_dir)
     signature_types = metadata.get("signatures", {"serving_default": "image_tensor"})
     key = "image_tensor" if "image_tensor" in loaded.signatures else "serving_default"

@@ -260,8 +260,6 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         optimizer.build(detector.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=detector, optimizer=optimizer)
     restored = restore_latest(checkpoint, model_dir)
-    if chief:  # after the checks: a refused run leaves model_dir's config.yaml as it was
-        _save_config_atomically(config, os.path.join(model_dir, "config.yaml"))
     unfinished = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
     if unfinished:
         # BackupAndRestore restores the backup again when fit starts; reading it now
@@ -271,6 +269,8 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         except _UNREADABLE_CHECKPOINT_ERRORS as e:
             raise _unreadable(unfinished, e, "delete model_dir/backup to continue from the "
                                              "latest ckpt-<step> instead") from e
+    if chief:  # after the checks: a refused run leaves model_dir's config.yaml as it was
+        _save_config_atomically(config, os.path.join(model_dir, "config.yaml"))
     start_step = int(optimizer.iterations.numpy())
     trainer._train_counter.assign(start_step)  # TensorBoard's batch step continues too.
     initial_epoch = start_step // train.steps_per_epoch
@@ -364,24 +364,30 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def restore_detector(model_config: configs.ModelConfig, checkpoint_path: str) -> tf_keras.Model:
+# What to do about an unreadable checkpoint, for commands with a --checkpoint flag.
+OTHER_CHECKPOINT_ADVICE = "use another checkpoint of the run (--checkpoint=<model_dir>/ckpt-<step>)"
+
+
+def restore_detector(model_config: configs.ModelConfig, checkpoint_path: str,
+                     unreadable_advice: str = OTHER_CHECKPOINT_ADVICE) -> tf_keras.Model:
     """A detector built from `model_config` with the weights of a training checkpoint.
 
     Raises ConfigError (restore_matching) when the checkpoint does not fit `model_config`,
-    CheckpointReadError when its files cannot be read.
+    CheckpointReadError, ending with `unreadable_advice`, when its files cannot be read.
     """
     detector = _build_model(model_config, load_pretrained=False)
     restore_matching(tf.train.Checkpoint(model=detector), checkpoint_path, partial=True,
                      advice="use the training run's config.yaml, or its model settings",
-                     unreadable_advice="use another checkpoint of the run")
+                     unreadable_advice=unreadable_advice)
     return detector
 
 
 def evaluate_checkpoint(config: configs.ExperimentConfig, checkpoint_path: str,
                         keep_detections: bool = False, report_losses: bool = True,
-                        show_progress: bool = True) -> eval_loop.EvalOutput:
-    """Scores the detector of `checkpoint_path` on config.eval_data."""
-    detector = restore_detector(config.model, checkpoint_path)
+                        show_progress: bool = True,
+                        unreadable_advice: str = OTHER_CHECKPOINT_ADVICE) -> eval_loop.EvalOutput:
+    """Scores the detector of `checkpoint_path` on config.eval_data (restore_detector)."""
+    detector = restore_detector(config.model, checkpoint_path, unreadable_advice)
     trainer = DetectionTrainer(detector, LOSS_TERMS, config.train.optimizer.weight_decay,
                                sampling_seed=config.train.seed)
     metrics = eval_loop.build_metrics(config.eval.metrics,
