@@ -70,8 +70,15 @@ def test_image_evaluation_skips_images_tf_cannot_decode(tmp_path, caplog):
                                        show_progress=False)
 
 
-def _last_line(text):
-    return text.strip().splitlines()[-1]
+def _one_line_error(target_flag, override):
+    """The last stderr line of `python -m rfcn_tf.evaluate <target_flag>` with the default
+    config and `override`, which must exit with status 1 and no traceback."""
+    result = run([sys.executable, "-m", "rfcn_tf.evaluate", target_flag,
+                  f"--config_file={DEFAULT_CONFIG}", f"--params_override={override}"],
+                 timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
 
 
 def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
@@ -80,12 +87,7 @@ def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
     one error line naming the checkpoint and the mismatched variable; no traceback."""
     prefix = save_tiny_checkpoint(tmp_path / "run", tmp_path / "data")
     override = tiny_override(tmp_path / "data", extra="model.head.group_size=5")
-    result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--checkpoint={prefix}",
-                  f"--config_file={DEFAULT_CONFIG}", f"--params_override={override}"],
-                 timeout=180)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = _last_line(result.stderr)
+    last = _one_line_error(f"--checkpoint={prefix}", override)
     assert last.startswith(f"rfcn_tf.evaluate: error: checkpoint {prefix} does not match the "
                            f"configured model"), last
     assert "incompatible tensor" in last and "rfcn_head" in last, last
@@ -184,12 +186,7 @@ def test_unreadable_checkpoint_is_a_checkpoint_read_error(tmp_path, damage):
 def test_unreadable_checkpoint_is_a_one_line_command_error(tmp_path):
     prefix = save_tiny_checkpoint(tmp_path / "run", tmp_path / "data")
     _damage_checkpoint(prefix, "flipped")
-    result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--checkpoint={prefix}",
-                  f"--config_file={DEFAULT_CONFIG}",
-                  f"--params_override={tiny_override(tmp_path / 'data')}"], timeout=180)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = _last_line(result.stderr)
+    last = _one_line_error(f"--checkpoint={prefix}", tiny_override(tmp_path / "data"))
     assert last.startswith(f"rfcn_tf.evaluate: error: checkpoint {prefix} cannot be read"), last
     assert re.search("checksum does not match", last, re.IGNORECASE), last
 
@@ -210,10 +207,5 @@ def test_saved_model_that_cannot_be_loaded_is_a_one_line_command_error(tmp_path,
     else:
         _damage_checkpoint(os.path.join(export, "variables", "variables"), "flipped")
         expected = f"rfcn_tf.evaluate: error: cannot load the SavedModel {export}: "
-    result = run([sys.executable, "-m", "rfcn_tf.evaluate", f"--saved_model={export}",
-                  f"--config_file={DEFAULT_CONFIG}",
-                  f"--params_override={tiny_override(tmp_path / 'data')}"], timeout=180)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = _last_line(result.stderr)
+    last = _one_line_error(f"--saved_model={export}", tiny_override(tmp_path / "data"))
     assert last.startswith(expected), last
