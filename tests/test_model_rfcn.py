@@ -121,6 +121,14 @@ def test_boxes_are_relative_to_the_original_image():
                                plain["detection_boxes_resized"].numpy()[0, :n], atol=1e-3)
 
 
+def _counted(calls, name, function):
+    """`function`, adding 1 to calls[name] at each call."""
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+    return wrapper
+
+
 @pytest.mark.parametrize("variant", ["no_ohem", "class_specific", "k7"])
 def test_training_variants(variant, monkeypatch):
     use_ohem = variant != "no_ohem"
@@ -131,16 +139,10 @@ def test_training_variants(variant, monkeypatch):
     model = build_model(cfg)
     # Which second-stage sampling runs: OHEM's hard-example selection or the random sampler.
     calls = {"ohem": 0, "sample_rois": 0}
-
-    def counted(name, function):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return function(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(ohem, "select_hard_examples", counted("ohem", ohem.select_hard_examples))
+    monkeypatch.setattr(ohem, "select_hard_examples",
+                        _counted(calls, "ohem", ohem.select_hard_examples))
     monkeypatch.setattr(roi_targets, "sample_rois",
-                        counted("sample_rois", roi_targets.sample_rois))
+                        _counted(calls, "sample_rois", roi_targets.sample_rois))
     train = model(mtu.random_batch(2, 64, 96), training=True)
     assert all(np.isfinite(train[key].numpy()) for key in LOSS_KEYS)
     assert calls == {"ohem": int(use_ohem), "sample_rois": int(not use_ohem)}
@@ -313,14 +315,10 @@ def test_detect_with_losses_is_one_pass_of_detections_and_validation_losses(use_
     losses = model.compute_losses(inputs, training=False)
 
     passes = {"rpn": 0, "score_maps": 0}
-
-    def counted(name, function):
-        def wrapper(*args, **kwargs):
-            passes[name] += 1
-            return function(*args, **kwargs)
-        return wrapper
-    monkeypatch.setattr(model, "_rpn_forward", counted("rpn", model._rpn_forward))  # pylint: disable=protected-access
-    monkeypatch.setattr(model.head, "score_maps", counted("score_maps", model.head.score_maps))
+    monkeypatch.setattr(model, "_rpn_forward",
+                        _counted(passes, "rpn", model._rpn_forward))  # pylint: disable=protected-access
+    monkeypatch.setattr(model.head, "score_maps",
+                        _counted(passes, "score_maps", model.head.score_maps))
     both = model.detect_with_losses(inputs)
     assert passes == {"rpn": 1, "score_maps": 1}
     assert set(both) == set(detections) | set(LOSS_KEYS)
