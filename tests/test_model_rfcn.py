@@ -321,6 +321,9 @@ def test_detect_with_losses_is_one_pass_of_detections_and_validation_losses(use_
                         _counted(passes, "score_maps", model.head.score_maps))
     both = model.detect_with_losses(inputs)
     assert passes == {"rpn": 1, "score_maps": 1}
+    with pytest.raises(ValueError, match=r"detect_with_losses\) need the inputs \['gt_boxes', "
+                                         r"'gt_classes'\]"):
+        model.detect_with_losses(mtu.inference_inputs(inputs))
     assert set(both) == set(detections) | set(LOSS_KEYS)
     for key, value in detections.items():
         np.testing.assert_allclose(both[key].numpy(), value.numpy(), atol=1e-5, err_msg=key)
