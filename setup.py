@@ -10,6 +10,10 @@ or under $CUDA_HOME/bin, /usr/local/cuda/bin). `RFCN_TF_CUDA=1` forces them
 `RFCN_TF_CUDA_ARCHS` overrides the list of SM architectures, e.g. "80;90".
 The CUDA runtime is linked statically, so the library loads and runs its CPU
 kernel on a machine with no GPU and no driver.
+
+The build prints one line saying whether it compiles the CUDA kernels (or why
+not); pip shows it only with `pip install -v`. `python -m rfcn_tf.ops` reports
+the installed library and the devices it has kernels for.
 """
 
 import os

@@ -253,7 +253,7 @@ BAD_INPUTS = {
     "channels_not_divisible": ((1, 4, 4, 10), [[0, 0, 0, 2, 2]], 3, 1.0, "divisible"),
     "rois_not_5_columns": ((1, 4, 4, 9), [[0, 0, 0, 2]], 3, 1.0, r"\[R, 5\]"),
     "rois_rank_1": ((1, 4, 4, 9), [0, 0, 0, 2, 2], 3, 1.0, r"\[R, 5\]"),
-    "maps_rank_3": ((4, 4, 9), [[0, 0, 0, 2, 2]], 3, 1.0, "4|rank"),
+    "maps_rank_3": ((4, 4, 9), [[0, 0, 0, 2, 2]], 3, 1.0, "score_maps must be (4-D|rank 4)"),
     "batch_index_too_large": ((2, 4, 4, 9), [[0, 0, 0, 2, 2], [2, 0, 0, 2, 2]], 3, 1.0,
                               r"batch index.*\[0, "),
     "batch_index_negative": ((2, 4, 4, 9), [[-1, 0, 0, 2, 2]], 3, 1.0, r"batch index.*\[0, "),
@@ -334,9 +334,11 @@ def test_custom_without_library_says_how_to_build(monkeypatch, caplog):
     assert len(fallback_logs) == 1 and "pip install" in fallback_logs[0].getMessage()
 
 
-def _pretend_gpu(monkeypatch, probe_device="/device:GPU:0", probe_error=None):
-    """Makes psroi_pool see pooling on a GPU and a probe of the compiled op that runs on
-    `probe_device` or raises `probe_error`. Returns the list of probe calls."""
+def _pretend_gpu(monkeypatch, probe_device="/device:GPU:0", probe_error=None,
+                 kernels=("CPU", "GPU")):
+    """Makes psroi_pool see pooling on a GPU, a library with kernels for `kernels`, and
+    a probe of the compiled op that runs on `probe_device` or raises `probe_error`.
+    Returns the list of probe calls."""
     probes = []
 
     def probe():
@@ -349,25 +351,29 @@ def _pretend_gpu(monkeypatch, probe_device="/device:GPU:0", probe_error=None):
     monkeypatch.setattr(psroi_pool_module, "_logged_fallbacks", set())
     monkeypatch.setattr(psroi_pool_module.placement, "runs_on_gpu", lambda tensor: True)
     monkeypatch.setattr(psroi_pool_module, "_probe_gpu_kernel", probe)
+    monkeypatch.setattr(op_library, "kernel_devices", lambda: list(kernels))
     return probes
 
 
-@pytest.mark.parametrize("probe_device, probe_error, expected, reason", [
-    ("/job:localhost/replica:0/task:0/device:GPU:0", None, "custom", None),
-    ("/job:localhost/replica:0/task:0/device:CPU:0", None, "portable", "no GPU kernel"),
-    ("/device:GPU:0", tf.errors.InternalError(None, None, "cudaErrorInsufficientDriver"),
-     "portable", "cudaErrorInsufficientDriver"),
+@pytest.mark.parametrize("kernels, probe_device, probe_error, expected, reason, num_probes", [
+    (("CPU", "GPU"), "/job:localhost/replica:0/task:0/device:GPU:0", None, "custom", None, 1),
+    (("CPU",), "/device:GPU:0", None, "portable", "no GPU kernel (it was built without nvcc", 0),
+    (("CPU", "GPU"), "/job:localhost/replica:0/task:0/device:CPU:0", None, "portable",
+     "not placed on the GPU (the probe ran on /job:localhost/replica:0/task:0/device:CPU:0)", 1),
+    (("CPU", "GPU"), "/device:GPU:0",
+     tf.errors.InternalError(None, None, "cudaErrorInsufficientDriver"),
+     "portable", "cudaErrorInsufficientDriver", 1),
 ])
-def test_auto_on_gpu_needs_a_gpu_kernel_that_runs(monkeypatch, caplog, probe_device,
-                                                  probe_error, expected, reason):
+def test_auto_on_gpu_needs_a_gpu_kernel_that_runs(monkeypatch, caplog, kernels, probe_device,
+                                                  probe_error, expected, reason, num_probes):
     if not op_library.is_available():
         pytest.skip("needs the compiled library")
-    probes = _pretend_gpu(monkeypatch, probe_device, probe_error)
+    probes = _pretend_gpu(monkeypatch, probe_device, probe_error, kernels)
     maps = tf.zeros([1, 4, 4, 9])
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             assert psroi_pool_module._resolve("auto", maps) == expected
-    assert len(probes) == 1  # decided once per process
+    assert len(probes) == num_probes  # decided once per process
     fallback_logs = [r.getMessage() for r in caplog.records
                      if "portable implementation" in r.getMessage()]
     if reason is None:
@@ -399,24 +405,59 @@ def test_auto_on_cpu_does_not_probe_the_gpu(monkeypatch):
     assert not probes
 
 
-def test_gpu_probe_without_a_gpu_reports_that_the_op_ran_on_the_cpu(monkeypatch):
-    # The real probe: with no GPU visible the op is soft-placed on the CPU, which the
-    # check must read as "no GPU kernel here" rather than "the GPU kernel works".
+def test_auto_under_a_gpu_scope_without_a_gpu_takes_the_cpu_kernel(monkeypatch, caplog):
+    # With no GPU visible, ops in a tf.device("/GPU:0") scope are soft-placed on the CPU:
+    # "auto" must take the compiled CPU kernel, neither probe the GPU nor log a fallback.
     if not op_library.is_available():
         pytest.skip("needs the compiled library")
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("a GPU is visible")
+    probes = []
     monkeypatch.setattr(psroi_pool_module, "_gpu_kernel_problem", None)
-    assert "CPU" in psroi_pool_module._probe_gpu_kernel().upper()
-    assert "no GPU kernel" in psroi_pool_module._custom_gpu_kernel_problem()
+    monkeypatch.setattr(psroi_pool_module, "_logged_fallbacks", set())
+    monkeypatch.setattr(psroi_pool_module, "_probe_gpu_kernel", lambda: probes.append(1))
+    maps, rois = make_case(seed=5, k=3, scale=1.0 / 8)
+    with caplog.at_level(logging.WARNING), tf.device("/GPU:0"):
+        assert psroi_pool_module._resolve("auto", tf.constant(maps)) == "custom"
+        pooled = tf.function(lambda m, r: ops.psroi_pool(
+            m, r, group_size=3, spatial_scale=1.0 / 8))(maps, rois)
+    assert not probes
+    assert not [r for r in caplog.records if "portable implementation" in r.getMessage()]
+    np.testing.assert_allclose(pooled.numpy(), psroi_pool_forward(maps, rois, 3, 1.0 / 8),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_describe_names_the_library_and_its_kernels():
+    # `python -m rfcn_tf.ops` reports the library this install loads; a CUDA build
+    # (RFCN_TF_CUDA=1, as in CI) must list GPU kernels.
+    if not op_library.is_available():
+        pytest.skip("needs the compiled library")
+    result = subprocess.run([sys.executable, "-m", "rfcn_tf.ops"], capture_output=True,
+                            text=True, timeout=120, check=False,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    expected = {"1": "CPU, GPU", "0": "CPU"}.get(os.environ.get("RFCN_TF_CUDA"))
+    prefix = f"rfcn-tf PSRoIPool library: {op_library.library_path()}: kernels for "
+    assert line.startswith(prefix), line
+    assert line[len(prefix):] in ((expected,) if expected else ("CPU", "CPU, GPU")), line
+
+
+def test_describe_says_why_the_library_is_unavailable(monkeypatch):
+    def unavailable():
+        raise op_library.OpLibraryUnavailableError("The library is not built.")
+
+    monkeypatch.setattr(op_library, "kernel_devices", unavailable)
+    assert op_library.describe().startswith(
+        "rfcn-tf PSRoIPool library: unavailable: The library is not built. Build it")
 
 
 def test_placement_follows_the_device_scope_in_eager_mode():
     host_tensor = tf.constant(np.zeros([2], np.float32))
     with tf.device("/CPU:0"):
         assert not placement.runs_on_gpu(host_tensor)
-    with tf.device("/GPU:0"):
-        assert placement.runs_on_gpu(host_tensor)  # the next op is placed there
+    with tf.device("/GPU:0"):  # the next op is placed there if there is a GPU
+        assert placement.runs_on_gpu(host_tensor) == bool(tf.config.list_logical_devices("GPU"))
     assert placement.runs_on_gpu(host_tensor) == bool(tf.config.list_logical_devices("GPU"))
 
 

@@ -18,6 +18,7 @@ import os
 import threading
 
 import tensorflow as tf
+from tensorflow.python.framework import kernels as kernel_registry
 
 LIBRARY_STEM = "_psroi_pool_ops"
 BUILD_INSTRUCTIONS = (
@@ -94,6 +95,27 @@ def is_available():
     except OpLibraryUnavailableError:
         return False
     return True
+
+
+def kernel_devices():
+    """Device types with a registered RfcnPsRoiPool kernel, sorted: ["CPU"] for a
+    library built without nvcc, ["CPU", "GPU"] for one with CUDA kernels.
+
+    Raises:
+      OpLibraryUnavailableError: as load().
+    """
+    load()
+    registered = kernel_registry.get_registered_kernels_for_op("RfcnPsRoiPool").kernel
+    return sorted({kernel.device_type for kernel in registered})
+
+
+def describe():
+    """One line for `python -m rfcn_tf.ops`: the library and its kernels, or why not."""
+    try:
+        devices = kernel_devices()
+    except OpLibraryUnavailableError as error:
+        return f"rfcn-tf PSRoIPool library: unavailable: {error}"
+    return f"rfcn-tf PSRoIPool library: {library_path()}: kernels for {', '.join(devices)}"
 
 
 @tf.RegisterGradient("RfcnPsRoiPool")

@@ -131,9 +131,9 @@ def _checked_inputs(score_maps, rois, group_size):
 def _probe_gpu_kernel():
     """Runs the compiled op once, eagerly, on a tiny input under tf.device("/GPU:0").
 
-    Returns the device the op ran on: a GPU, or the CPU when the library has no GPU
-    kernel (soft placement). Raises what the op raises, e.g. for a library whose CUDA
-    runtime needs a newer driver than the machine's, or that has no code for this GPU.
+    Returns the device the op ran on (soft placement would move it to the CPU). Raises
+    what the op raises, e.g. for a library whose CUDA runtime needs a newer driver than
+    the machine's, or that has no code for this GPU.
     """
     with tf.init_scope(), tf.device("/GPU:0"):
         maps = tf.ones([1, 2, 2, 1])
@@ -147,12 +147,16 @@ def _probe_gpu_kernel():
 def _custom_gpu_kernel_problem():
     """Why the loaded library cannot pool on this process's GPU, or "" when it can.
 
-    Decided by one probe (_probe_gpu_kernel) per process: the op must run on the GPU (a
-    library built without nvcc would run on the CPU, with the score maps copied there
-    and back) and succeed. A failure for lack of GPU memory is not remembered.
+    A library without a registered GPU kernel (built without nvcc) cannot; otherwise one
+    probe (_probe_gpu_kernel) per process decides: the op must run on the GPU and
+    succeed. A failure for lack of GPU memory is not remembered.
     """
     global _gpu_kernel_problem  # pylint: disable=global-statement
     if _gpu_kernel_problem is not None:
+        return _gpu_kernel_problem
+    if "GPU" not in op_library.kernel_devices():
+        _gpu_kernel_problem = ("the compiled PSRoIPool library has no GPU kernel (it was "
+                               "built without nvcc; rebuild it with CUDA to use it on GPUs)")
         return _gpu_kernel_problem
     try:
         device = _probe_gpu_kernel()
@@ -165,8 +169,8 @@ def _custom_gpu_kernel_problem():
     if "GPU" in device.upper():
         _gpu_kernel_problem = ""
     else:
-        _gpu_kernel_problem = ("the compiled PSRoIPool library has no GPU kernel (it was "
-                               "built without nvcc; rebuild it with CUDA to use it on GPUs)")
+        _gpu_kernel_problem = (f"the compiled PSRoIPool GPU kernel was not placed on the GPU "
+                               f"(the probe ran on {device})")
     return _gpu_kernel_problem
 
 
