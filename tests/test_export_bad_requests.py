@@ -83,7 +83,7 @@ def test_undecodable_bytes_are_refused(signatures):
 def test_bad_tf_examples_are_refused(signatures):
     with pytest.raises(tf.errors.InvalidArgumentError, match="image/encoded"):
         signatures["tf_example"](input_tensor=tf.constant([tf.train.Example().SerializeToString()]))
-    with pytest.raises(tf.errors.InvalidArgumentError):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Could not parse example input"):
         signatures["tf_example"](input_tensor=tf.constant([b"\x01not a proto"]))
 
 
