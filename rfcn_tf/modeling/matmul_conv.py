@@ -39,9 +39,9 @@ class MatmulConv2D(tf_keras.layers.Conv2D):
     `training` is None (what Keras passes when neither the call nor an enclosing layer's
     call sets it) or has the static value False (a Python bool or a constant tensor; a bool
     tensor whose value is known only at run time counts as training); matmul_inference is
-    true; and placement.runs_on_gpu(inputs) is false (in a graph, the tf.device scope the
-    inputs were made in; in eager mode, the current device scope; with no scope, whether
-    a GPU is visible). Otherwise it runs Conv2D itself.
+    true; and placement.runs_on_gpu(inputs) is false (no GPU visible; or, in a graph, a
+    tf.device scope of the inputs that is not a GPU; in eager mode, a current device
+    scope that is not a GPU). Otherwise it runs Conv2D itself.
     """
 
     def __init__(self, filters: int, kernel_size: int = 3, matmul_inference: bool = True,
