@@ -10,10 +10,13 @@ import pytest
 
 import model_test_utils as mtu
 import tensorflow as tf
+import tf_keras
 
 from rfcn_tf import configs
 from rfcn_tf.modeling import LOSS_KEYS, RfcnModel, build_model, ohem, roi_targets
+from rfcn_tf.modeling import losses as losses_lib
 from rfcn_tf.modeling.builder import validate_model_config
+from test_model_losses import _np_ohem, _np_top_b
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
@@ -281,7 +284,6 @@ def test_psroi_override_in_builder():
 
 
 def test_mixed_precision_keeps_boxes_and_losses_float32():
-    import tf_keras  # pylint: disable=import-outside-toplevel
     tf_keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = build_model(mtu.tiny_config(psroi_impl="portable"))
@@ -373,3 +375,125 @@ def test_ground_truth_padding_is_cut_before_the_targets(monkeypatch):
     np.testing.assert_array_equal(seen[1][1], [[True, False], [True, True]])
     for key in LOSS_KEYS:
         assert got[key].numpy() == pytest.approx(expected[key].numpy(), rel=1e-6), key
+
+
+def _recorded(records, name, function):
+    """`function`, appending to records[name] at each call its positional arguments and its
+    result, with every tensor in them (also inside dicts) as a NumPy array."""
+    def numpy(value):
+        return value.numpy() if isinstance(value, tf.Tensor) else value
+
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        records[name].append((tf.nest.map_structure(numpy, args),
+                              tf.nest.map_structure(numpy, result)))
+        return result
+    return wrapper
+
+
+def _np_rfcn_terms(class_logits, box_deltas, labels, box_targets, delta):
+    """float64 [B, R] each, from the definitions: the softmax cross-entropy of each RoI and
+    its Huber(delta) box loss summed over the 4 coordinates of the deltas of class `labels`
+    (class-agnostic [B, R, 4] or class-specific [B, R, 4 * (C + 1)]), 0 for background."""
+    logits = class_logits.astype(np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    ce = log_norm - np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    deltas = box_deltas.astype(np.float64)
+    if deltas.shape[-1] != 4:
+        deltas = deltas.reshape(labels.shape + (-1, 4))
+        deltas = np.take_along_axis(deltas, labels[..., None, None], axis=-2)[..., 0, :]
+    diff = np.abs(deltas - box_targets)
+    huber = np.where(diff <= delta, 0.5 * diff ** 2, delta * (diff - 0.5 * delta))
+    return ce, huber.sum(axis=-1) * (labels > 0)
+
+
+def _np_rfcn_losses(ce, box, labels, weights):
+    """(rfcn_class_loss, rfcn_box_loss) as losses.rfcn_losses documents them: the mean
+    cross-entropy over the RoIs of weight 1, and the Huber sum over the foreground RoIs of
+    weight 1 divided by (4 per such RoI + 0.01)."""
+    foreground = (weights > 0) & (labels > 0)
+    return (ce * weights).sum() / weights.sum(), box[foreground].sum() / (
+        4 * foreground.sum() + 0.01)
+
+
+def _ohem_reference(sampler, records, labelled, roi_terms):
+    """The OHEM weights [B, R] the model should pass to the losses: _np_ohem per image on
+    the per-RoI losses of the call (checked against the NumPy `roi_terms`, cross-entropy +
+    box) over the labelled RoIs' candidates (foreground or background)."""
+    [(_, roi_losses)] = records["per_roi_losses"]
+    np.testing.assert_allclose(roi_losses, sum(roi_terms), rtol=1e-5, atol=1e-5)
+    candidates = labelled["foreground"] | labelled["background"]
+    hard, iou = sampler.ohem_batch_size, sampler.ohem_nms_iou
+    expected = np.stack([_np_ohem(loss, rois, valid, hard, iou) for loss, rois, valid
+                         in zip(roi_losses, labelled["rois"], candidates)])
+    # Fewer RoIs selected than candidates, and the NMS drops some of the plain top B:
+    # back-propagating every candidate, or the top B without the NMS, differs.
+    assert (expected.sum(axis=1) < candidates.sum(axis=1)).all()
+    top_b = np.stack([_np_top_b(loss, valid, hard)
+                      for loss, valid in zip(roi_losses, candidates)])
+    assert not np.array_equal(expected, top_b)
+    return expected
+
+
+def _sampled_reference(sampler, records, labelled, labels, box_targets):
+    """The weights [B, rois_per_image] the sampler returned in the call, after checking
+    that it sampled the labelled RoIs, that the losses got its RoIs' labels and box
+    targets, and that it drew min(floor(rois_per_image * foreground_fraction), number of
+    foreground RoIs) foreground and as many background RoIs as fill rois_per_image."""
+    [((given, num_samples, fraction), sampled)] = records["sample_rois"]
+    assert (num_samples, fraction) == (sampler.rois_per_image, sampler.foreground_fraction)
+    for key in ("rois", "labels", "foreground", "background", "box_targets"):
+        np.testing.assert_array_equal(given[key], labelled[key], err_msg=key)
+    np.testing.assert_array_equal(labels, sampled["labels"])
+    np.testing.assert_array_equal(box_targets, sampled["box_targets"])
+    weights = sampled["weights"]
+    assert weights.shape == (2, num_samples)
+    drawn = weights > 0
+    num_foreground = labelled["foreground"].sum(axis=1)
+    foreground = np.minimum(num_foreground, int(num_samples * fraction))
+    assert (foreground < num_foreground).any()  # the fraction binds in some image
+    np.testing.assert_array_equal((drawn & sampled["foreground"]).sum(axis=1), foreground)
+    np.testing.assert_array_equal((drawn & sampled["background"]).sum(axis=1), np.minimum(
+        num_samples - foreground, labelled["background"].sum(axis=1)))
+    return weights
+
+
+@pytest.mark.parametrize("use_ohem", [True, False], ids=["ohem", "sampled"])
+def test_second_stage_loss_uses_the_selected_rois(use_ohem, monkeypatch):
+    """The second-stage losses count exactly the RoIs that OHEM selects (the ohem_batch_size
+    hardest candidates by per-RoI loss after the NMS at ohem_nms_iou, a NumPy reference) or,
+    without OHEM, those the random sampler drew in the same call, and the returned terms
+    are the weighted means of the per-RoI losses (recomputed in NumPy) over those RoIs."""
+    tf_keras.utils.set_random_seed(1)  # the initial weights too
+    cfg = mtu.tiny_config(psroi_impl="portable", ohem=use_ohem)
+    cfg.head.class_agnostic_box = False  # the losses must pick each RoI's class deltas
+    # Below the RPN's NMS IoU (0.7), which the proposals already satisfy: the OHEM NMS
+    # then suppresses some of them, and the model must pass the configured threshold.
+    cfg.roi_sampler.ohem_nms_iou = 0.5
+    # At most 1 foreground RoI of 16: image 1 has 2 ground-truth RoIs, so the cap binds.
+    cfg.roi_sampler.rois_per_image, cfg.roi_sampler.foreground_fraction = 16, 0.1
+    model = build_model(cfg)
+    records = {"label_rois": [], "sample_rois": [], "per_roi_losses": [], "rfcn_losses": []}
+    for module, name in [(roi_targets, "label_rois"), (roi_targets, "sample_rois"),
+                         (ohem, "per_roi_losses"), (losses_lib, "rfcn_losses")]:
+        monkeypatch.setattr(module, name, _recorded(records, name, getattr(module, name)))
+    out = model(dict(mtu.random_batch(2, 64, 96, seed=1), sampling_seed=tf.constant([1, 2])),
+                training=True)
+
+    assert {k: len(v) for k, v in records.items()} == {
+        "label_rois": 1, "sample_rois": int(not use_ohem), "per_roi_losses": int(use_ohem),
+        "rfcn_losses": 1}
+    [(_, labelled)] = records["label_rois"]
+    [((logits, deltas, labels, box_targets, weights), _)] = records["rfcn_losses"]
+    ce, box = _np_rfcn_terms(logits, deltas, labels, box_targets, cfg.loss.rfcn_huber_delta)
+    if use_ohem:
+        np.testing.assert_array_equal(labels, labelled["labels"])  # every RoI is scored
+        expected = _ohem_reference(cfg.roi_sampler, records, labelled, (ce, box))
+    else:
+        expected = _sampled_reference(cfg.roi_sampler, records, labelled, labels, box_targets)
+    np.testing.assert_array_equal(weights, expected)
+    assert ((expected > 0) & (labels > 0)).any()  # the box term counts some RoI
+    class_loss, box_loss = _np_rfcn_losses(ce, box, labels, expected)
+    assert out["rfcn_class_loss"].numpy() == pytest.approx(class_loss, rel=1e-5)
+    assert out["rfcn_box_loss"].numpy() == pytest.approx(box_loss, rel=1e-5)
