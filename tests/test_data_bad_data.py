@@ -118,6 +118,64 @@ def test_strict_label_map_raises_on_unknown_class(dirty_voc):
         voc.read_voc(dirty_voc, "trainval", LABELS, strict=True)
 
 
+def _voc_with_split_bytes(root, split_bytes):
+    """A VOC set of images "a" and "b" (one GOOD box each) whose trainval.txt holds
+    `split_bytes`; returns its split file's path."""
+    write_voc(root, [("a", "", [GOOD]), ("b", "", [GOOD])], size=(H, W))
+    for name in ("a", "b"):
+        with open(os.path.join(root, voc.IMAGES, name + ".jpg"), "wb") as f:
+            f.write(image_bytes(H, W, "JPEG", seed=1))
+    path = voc.split_file(root, "trainval")
+    with open(path, "wb") as f:
+        f.write(split_bytes)
+    return path
+
+
+@pytest.mark.parametrize("split_bytes", [
+    b"\xef\xbb\xbfa\nb\n",        # UTF-8 BOM (Windows Notepad)
+    b"a\r\nb\r\n",                # Windows line ends
+    b"  a \t\r\n\r\nb   \n  \n",  # whitespace around ids, blank lines
+    b"\xef\xbb\xbfa 1\r\nb -1",   # VOC per-class file "<id> <flag>", BOM, no final newline
+])
+def test_split_file_bom_line_ends_and_whitespace_are_ignored(tmp_path, split_bytes):
+    root = str(tmp_path)
+    _voc_with_split_bytes(root, split_bytes)
+    assert voc.read_split_ids(root, "trainval") == ["a", "b"]
+    records, report = voc.read_voc(root, "trainval", LABELS)
+    assert [r.filename for r in records] == ["a.jpg", "b.jpg"]
+    assert report.get(rpt.BOXES_KEPT) == 2 and report.problems() == 0
+
+
+@pytest.mark.parametrize("split_bytes, problem", [
+    (b"a\nb\ncaf\xe9\n", "invalid continuation byte at byte 7 (line 3)"),  # Latin-1 "cafe"
+    (b"\xef\xbb\xbfa\r\n\xff\r\nb\n", "invalid start byte at byte 6 (line 2)"),  # BOM counted
+])
+def test_split_file_that_is_not_utf8_is_a_data_error(tmp_path, split_bytes, problem):
+    root = str(tmp_path)
+    path = _voc_with_split_bytes(root, split_bytes)
+    with pytest.raises(DataError) as raised:
+        voc.read_voc(root, "trainval", LABELS)
+    assert str(raised.value) == f"VOC split file {path} is not UTF-8 text: {problem}"
+
+
+def test_namespaced_annotation_xml_is_read(tmp_path):
+    """`<annotation xmlns="...">` (some annotation tools) reads like plain VOC XML."""
+    root = str(tmp_path)
+    _voc_with_split_bytes(root, b"a\nb\n")
+    xml_path = os.path.join(root, voc.ANNOTATIONS, "a.xml")
+    with open(xml_path, encoding="utf-8") as f:
+        text = f.read()
+    with open(xml_path, "w", encoding="utf-8") as f:
+        f.write(text.replace("<annotation>", '<annotation xmlns="http://example.com/voc">', 1))
+    records, report = voc.read_voc(root, "trainval", LABELS)
+    by_name = {r.filename: r for r in records}
+    np.testing.assert_allclose(by_name["a.jpg"].absolute_boxes(), [GOOD[1]])
+    np.testing.assert_array_equal(by_name["a.jpg"].classes, [1])
+    assert report.get(rpt.BOXES_KEPT) == 2 and report.problems() == 0
+    assert report.get(rpt.IMAGES_NOTED) == 0
+    assert voc.dataset_class_names(root) == ["cat"]
+
+
 def _eval_config(root, **overrides):
     fields = dict(format="voc", path=root, split="trainval", class_names=["cat", "dog"],
                   is_training=False, short_side=H, max_side=W, include_filename=True)

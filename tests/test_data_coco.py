@@ -139,6 +139,19 @@ def test_not_json_is_a_clear_error(tmp_path):
         coco.read_coco(str(path), str(tmp_path))
     with pytest.raises(DataError, match="not found"):
         coco.read_coco(str(tmp_path / "missing.json"), str(tmp_path))
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{"images": [], "categories": [{"id": 1, "name": "caf\xe9"}]}')
+    with pytest.raises(DataError) as raised:
+        coco.read_coco(str(latin1), str(tmp_path))
+    assert str(raised.value) == (f"COCO annotation file {latin1} is not UTF-8 text: "
+                                 "invalid continuation byte at byte 52 (line 1)")
+
+
+def test_json_with_a_leading_bom_is_read(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(
+        {"images": [], "annotations": [], "categories": [{"id": 3, "name": "cell"}]}).encode())
+    assert coco.load_json(str(path))["categories"] == [{"id": 3, "name": "cell"}]
 
 
 def test_label_map_of_reads_no_image(coco_set):
@@ -190,6 +203,28 @@ def test_malformed_ids_are_counted_and_skipped(coco_set, tmp_path):
         assert {i: r.num_boxes for i, r in by_id.items()} == {11: 2, 12: 1, 13: 1, 17: 0}
         assert (by_id[17].height, by_id[17].width) == (H, W)
         np.testing.assert_allclose(by_id[13].areas, [10 * 20])
+
+
+def test_iscrowd_other_than_0_or_1_is_counted_and_skipped(coco_set, tmp_path):
+    """iscrowd 0/1/false/true (or absent) is the flag; a string ("0" is truthy), null, 2,
+    0.5 or 1.0 is malformed: the annotation is skipped and counted, not read as crowd."""
+    _, images, data = coco_set
+    dirty = json.loads(json.dumps(data))
+    valid = [(15, False), (16, True)]  # (annotation id, iscrowd) kept with their flag
+    malformed = [(20, "0"), (21, "1"), (22, None), (23, 2), (24, 0.5), (25, 1.0), (26, [0])]
+    dirty["annotations"] += [
+        {"id": i, "image_id": 13, "category_id": 7, "bbox": [i, 1, 5, 5], "iscrowd": v}
+        for i, v in valid + malformed]
+    path = tmp_path / "iscrowd.json"
+    path.write_text(json.dumps(dirty))
+    records, _, report = coco.read_coco(str(path), images)
+    by_id = {r.source_id: r for r in records}
+    np.testing.assert_array_equal(by_id[11].is_crowd, [False, True])  # iscrowd 0 and 1
+    np.testing.assert_allclose(by_id[13].absolute_boxes()[:, 1], [15, 16])
+    np.testing.assert_array_equal(by_id[13].is_crowd, [False, True])
+    assert report.get(rpt.OBJECTS_SKIPPED, coco.REASON_BAD_ISCROWD) == len(malformed)
+    assert report.get(rpt.OBJECTS_SKIPPED) == len(malformed)
+    assert "annotation 20: iscrowd '0'" in report.format()
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,17 @@ def test_missing_file():
         read_label_map("/nonexistent/label_map.pbtxt")
 
 
+@pytest.mark.parametrize("suffix, text", [
+    (".txt", "RBC\r\nWBC\r\n"),
+    (".pbtxt", 'item { id: 1 name: "RBC" }\nitem { id: 2 name: "WBC" }\n'),
+])
+def test_leading_bom_is_ignored(tmp_path, suffix, text):
+    # Windows editors write a UTF-8 BOM; it must not become part of the first name.
+    path = tmp_path / f"label_map{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert read_label_map(str(path)).names == ["RBC", "WBC"]
+
+
 def test_file_that_is_not_text(tmp_path):
     path = tmp_path / "label_map.pbtxt"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")

@@ -9,7 +9,11 @@ small/medium/large split) is kept with each object; where it is missing or not
 a finite number >= 0, the box's area is used. Ids (image id, annotation id,
 image_id, category_id) must be JSON integers: an annotation with another id is
 skipped and counted, and so is an image entry with another id or without a
-non-empty string file_name. A height/width that is not a finite number (JSON's
+non-empty string file_name. `iscrowd` must be 0 or 1 (a JSON integer or
+boolean; absent reads as 0): an annotation with any other value (the string
+"0", null, 2, 0.5) is skipped and counted like one with a malformed id, as
+either guess of the flag could be wrong (training on a crowd region, or
+dropping a real object). A height/width that is not a finite number (JSON's
 1e400 reads as infinity) is unknown: the image's own size is used. A bbox with
 a value a float cannot hold is malformed (the box is dropped and counted).
 
@@ -29,6 +33,7 @@ from rfcn_tf.data import report as rpt
 from rfcn_tf.data import validation
 from rfcn_tf.data.label_map import LabelMap
 from rfcn_tf.data.records import DataError, ImageRecord
+from rfcn_tf.data.text_files import read_utf8_text
 
 REASON_DUPLICATE_IMAGE = "duplicate image id"
 REASON_BAD_IMAGE_ENTRY = "image entry without an integer id or a non-empty string file_name"
@@ -36,16 +41,18 @@ REASON_DUPLICATE_ANNOTATION = "duplicate annotation id"
 REASON_UNKNOWN_IMAGE = "annotation of an unknown image id"
 REASON_UNKNOWN_CATEGORY = "annotation of an unknown category id"
 REASON_BAD_ANNOTATION_ID = "annotation whose id, image_id or category_id is not an integer"
+REASON_BAD_ISCROWD = "annotation whose iscrowd is not 0 or 1 (a JSON integer or boolean)"
 
 
 def load_json(annotation_file: str) -> dict:
-    """Loads and shape-checks an instances JSON; raises DataError naming the problem."""
+    """Loads and shape-checks an instances JSON (UTF-8, a leading BOM ignored); raises
+    DataError naming the problem."""
     if not os.path.isfile(annotation_file):
         raise DataError(f"COCO annotation file not found: {annotation_file}")
+    text = read_utf8_text(annotation_file, "COCO annotation file")
     try:
-        with open(annotation_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise DataError(f"COCO annotation file {annotation_file} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise DataError(f"COCO annotation file {annotation_file} must hold a JSON object")
@@ -85,6 +92,13 @@ def _is_id(value) -> bool:
     """Whether `value` is a JSON integer (bool excluded) that fits in int64, as the input
     pipeline holds ids."""
     return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
+
+
+def _crowd_flag(ann: dict) -> Optional[bool]:
+    """An annotation's iscrowd as a bool: False when absent, the flag when it is 0, 1,
+    false or true; None (malformed) for anything else, e.g. "0", null, 2 or 0.5."""
+    value = ann.get("iscrowd", 0)
+    return bool(value) if isinstance(value, int) and value in (0, 1) else None
 
 
 def _area(value) -> Optional[float]:
@@ -164,9 +178,14 @@ def read_coco(annotation_file: str, image_dir: str, label_map: Optional[LabelMap
                                 f"category id {ann['category_id']}")
             report.add(rpt.OBJECTS_SKIPPED, REASON_UNKNOWN_CATEGORY, example=ann["category_id"])
             continue
+        is_crowd = _crowd_flag(ann)
+        if is_crowd is None:
+            report.add(rpt.OBJECTS_SKIPPED, REASON_BAD_ISCROWD,
+                       example=f"annotation {ann.get('id')}: iscrowd {ann['iscrowd']!r}")
+            continue
         objects[ann["image_id"]].append(validation.RawObject(
             name=categories[ann["category_id"]], label=None, box=_box(ann.get("bbox")),
-            is_crowd=bool(ann.get("iscrowd", 0)), area=_area(ann.get("area"))))
+            is_crowd=is_crowd, area=_area(ann.get("area"))))
 
     records = []
     for image_id, entry in images.items():

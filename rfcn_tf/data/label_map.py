@@ -19,6 +19,7 @@ import re
 from typing import Dict, Iterable, List, Optional
 
 from rfcn_tf.data.records import DataError
+from rfcn_tf.data.text_files import read_utf8_text
 
 LABEL_MAP_FILENAME = "label_map.pbtxt"
 
@@ -122,18 +123,14 @@ def parse_pbtxt(text: str, source: str = "<string>") -> LabelMap:
 
 
 def read_label_map(path: str) -> LabelMap:
-    """Reads a .pbtxt label map, or a .txt with one name per line (blank lines ignored).
+    """Reads a .pbtxt label map, or a .txt with one name per line (blank lines ignored),
+    as UTF-8 (a leading BOM is ignored).
 
     Raises DataError naming the file when it is missing, not UTF-8 text, or malformed.
     """
     if not os.path.isfile(path):
         raise DataError(f"label map file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"label map {path} is not UTF-8 text: {e.reason} at byte {e.start}") \
-            from None
+    text = read_utf8_text(path, "label map")
     if path.endswith(".txt"):
         names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:

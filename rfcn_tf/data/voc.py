@@ -3,7 +3,9 @@
 Layout: <root>/Annotations/<id>.xml, <root>/ImageSets/Main/<split>.txt (one id
 per line; VOC's per-class files "<id> 1" are read by their first column) and
 <root>/JPEGImages/<file>. The image is the XML's <filename> in JPEGImages/,
-else <id>.jpg / <id>.png there.
+else <id>.jpg / <id>.png there. Split files are UTF-8 text (a leading BOM is
+ignored; LF or CRLF line ends; whitespace around an id ignored); annotation XML
+may declare a namespace (`<annotation xmlns="...">`), which is ignored.
 
 Coordinates are taken as written, as continuous pixel coordinates (the TF
 Object Detection API's convention): a box xmin=0, xmax=W spans the whole width,
@@ -23,6 +25,7 @@ from rfcn_tf.data import report as rpt
 from rfcn_tf.data import validation
 from rfcn_tf.data.label_map import LabelMap
 from rfcn_tf.data.records import DataError, ImageRecord
+from rfcn_tf.data.text_files import read_utf8_text
 
 ANNOTATIONS = "Annotations"
 IMAGE_SETS = os.path.join("ImageSets", "Main")
@@ -57,12 +60,21 @@ def _int_or_zero(text: str) -> int:
         return 0
 
 
+def _strip_namespaces(root) -> None:
+    """Removes the namespace from every tag under `root`, in place: "{uri}object" ->
+    "object", as some annotation tools write `<annotation xmlns="...">`."""
+    for element in root.iter():
+        element.tag = element.tag.rpartition("}")[2]
+
+
 def parse_annotation(path: str) -> VocAnnotation:
-    """Parses one VOC XML file; raises DataError if it is not readable XML."""
+    """Parses one VOC XML file, tags read without their namespace; raises DataError if it
+    is not readable XML."""
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as e:
         raise DataError(f"{path}: {e}") from e
+    _strip_namespaces(root)
     size = root.find("size")
     height = _int_or_zero(_text(size, "height", "0")) if size is not None else 0
     width = _int_or_zero(_text(size, "width", "0")) if size is not None else 0
@@ -87,7 +99,9 @@ def split_file(root: str, split: str) -> str:
 
 
 def read_split_ids(root: str, split: str) -> List[str]:
-    """The ids listed in ImageSets/Main/<split>.txt, in file order (duplicates included)."""
+    """The ids listed in ImageSets/Main/<split>.txt, in file order (duplicates included):
+    the first whitespace-separated word of each non-blank line. Raises DataError when the
+    root or the file is missing, or the file is not UTF-8 text (see text_files.read_utf8_text)."""
     if not os.path.isdir(root):
         raise DataError(f"VOC dataset root not found: {root}")
     path = split_file(root, split)
@@ -95,8 +109,8 @@ def read_split_ids(root: str, split: str) -> List[str]:
         available = sorted(os.path.splitext(os.path.basename(p))[0]
                            for p in glob.glob(split_file(root, "*")))
         raise DataError(f"VOC split file not found: {path} (splits found: {available})")
-    with open(path, encoding="utf-8") as f:
-        return [line.split()[0] for line in f if line.strip()]
+    text = read_utf8_text(path, "VOC split file")
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
 def dataset_class_names(root: str) -> List[str]:
