@@ -1,15 +1,18 @@
 """The training callbacks on a toy model whose loss is scripted step by step."""
 
+import glob
 import json
 import math
 import os
 
 import numpy as np
+import pytest
 
 import rfcn_tf  # noqa: F401
 import tensorflow as tf
 import tf_keras
 
+from rfcn_tf.configs import ConfigError
 from rfcn_tf.training import callbacks as cb
 from rfcn_tf.training import distribution
 
@@ -70,6 +73,54 @@ def test_nan_stops_training_with_a_clear_message_and_no_checkpoint(tmp_path, cap
     assert int(tf.train.load_variable(saved, "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 1
 
 
+def _all_finite(prefix):
+    """Whether every floating-point value in checkpoint `prefix` is finite."""
+    reader = tf.train.load_checkpoint(prefix)
+    return all(np.isfinite(reader.get_tensor(key)).all()
+               for key, dtype in reader.get_variable_to_dtype_map().items() if dtype.is_floating)
+
+
+def test_an_update_that_makes_the_weights_non_finite_is_never_saved(tmp_path, capsys):
+    """SGD(lr 1e38, momentum 0.9) on a gradient of 1: w = 1 - 1e38, then -2.9e38, then
+    -5.6e38 = -inf at step 3, while the reported loss stays finite. Step 3's backup, and
+    the epoch end's checkpoint, best checkpoint and backup that follow, are refused."""
+    model = ScriptedModel([1.0])
+    model.compile(optimizer=tf_keras.optimizers.SGD(1e38, momentum=0.9))
+    model(tf.constant(1.0))
+    model.optimizer.build([model.w])
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    strategy = tf.distribute.get_strategy()
+
+    class FakeEval(tf_keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_AP"] = 0.1 * (epoch + 1)
+
+    best = cb.BestCheckpoint(checkpoint, str(tmp_path), "AP", strategy)
+    _fit(model, [cb.StopOnNaN(), FakeEval(), cb.LatestCheckpoint(checkpoint, str(tmp_path), 5,
+                                                                 strategy), best,
+                 cb.EpochAlignedBackupAndRestore(str(tmp_path / "backup"), save_freq=1)],
+         epochs=3, steps=2)
+    assert not np.isfinite(model.w.numpy())
+    assert int(model.optimizer.iterations.numpy()) == 3  # stopped at once
+    message = model.diverged_message
+    assert message.startswith("training diverged at step 3: its update made 1 of the 2 model "
+                              "and optimizer variables non-finite (first: Variable:0) at "
+                              "learning rate 1e+38. Training stopped"), message
+    assert "running again resumes from the backup" in message
+    assert "ERROR: training diverged at step 3" in capsys.readouterr().out
+    # What was saved is the state after step 2 (epoch 1's end), all of it finite.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+    assert best.best["step"] == 2 and tf.train.latest_checkpoint(
+        str(tmp_path / "best")).endswith("ckpt-2")
+    backup = tf.train.latest_checkpoint(str(tmp_path / "backup" / "chief"))
+    assert int(tf.train.load_variable(backup, "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 0
+    saved = sorted(p[:-len(".index")] for p in glob.glob(str(tmp_path / "**" / "*.index"),
+                                                         recursive=True))
+    assert [os.path.relpath(p, tmp_path) for p in saved] == [
+        "backup/chief/ckpt-2", "best/ckpt-2", "ckpt-2"]
+    assert all(_all_finite(prefix) for prefix in saved), saved
+
+
 def test_best_checkpoint_keeps_the_maximum_across_restarts(tmp_path):
     strategy = tf.distribute.get_strategy()
     model = _toy([1.0])
@@ -92,6 +143,50 @@ def test_best_checkpoint_keeps_the_maximum_across_restarts(tmp_path):
     assert stored == {"metric": "voc07_mAP@0.5", "value": 0.5, "step": 2,
                       "checkpoint": os.path.join(str(tmp_path), "best", "ckpt-2")}
     assert tf.train.latest_checkpoint(str(tmp_path / "best")).endswith("ckpt-2")
+
+
+def test_best_metric_file_survives_a_write_that_fails_midway(tmp_path, monkeypatch):
+    """A write that stops halfway (kill, full disk) leaves the previous best_metric.json."""
+    strategy = tf.distribute.get_strategy()
+    model = _toy([1.0])
+    checkpoint = tf.train.Checkpoint(model=model)
+    values = iter([0.3, 0.5])
+
+    class FakeEval(tf_keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_AP"] = next(values)
+
+    _fit(model, [FakeEval(), cb.BestCheckpoint(checkpoint, str(tmp_path), "AP", strategy)],
+         epochs=1, steps=1)
+
+    class DiskFull(tf.io.gfile.GFile):
+        def write(self, file_content):
+            super().write(file_content[:len(file_content) // 2])
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(tf.io.gfile, "GFile", DiskFull)
+    with pytest.raises(OSError, match="No space left"):
+        _fit(model, [FakeEval(), cb.BestCheckpoint(checkpoint, str(tmp_path), "AP", strategy)],
+             epochs=2, steps=1, initial_epoch=1)
+    monkeypatch.undo()
+    assert cb.read_best_metric(str(tmp_path)) == {
+        "metric": "AP", "value": 0.3, "step": 1,
+        "checkpoint": os.path.join(str(tmp_path), "best", "ckpt-1")}
+
+
+@pytest.mark.parametrize("contents", ["", '{"metric": "AP", "value": 0.', "[]",
+                                      '{"metric": "AP", "value": "high", "step": 1, '
+                                      '"checkpoint": "c"}'])
+def test_a_damaged_best_metric_file_is_refused_naming_it(tmp_path, contents):
+    path = tmp_path / "best" / cb.BEST_METRIC_FILE
+    path.parent.mkdir()
+    path.write_text(contents, encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        cb.BestCheckpoint(tf.train.Checkpoint(), str(tmp_path), "AP",
+                          tf.distribute.get_strategy())
+    message = str(error.value)
+    assert message.startswith(f"{path} cannot be read (") and "\n" not in message, message
+    assert "delete it to continue" in message
 
 
 def test_periodic_evaluation_schedule_logs_and_summaries(tmp_path):

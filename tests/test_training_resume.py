@@ -219,3 +219,84 @@ def test_an_unreadable_backup_is_refused_in_one_line(tmp_path):
     assert last.endswith("delete model_dir/backup to continue from the latest ckpt-<step> "
                          "instead"), last
     assert not os.path.exists(model_dir / "config.yaml")
+
+
+def _finite_checkpoints(model_dir):
+    """{prefix relative to model_dir: whether all its floating-point values are finite} of
+    every checkpoint under model_dir (ckpt-<step>, best/, backup/chief/)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    found = {}
+    for index in glob.glob(os.path.join(model_dir, "**", "*.index"), recursive=True):
+        prefix = index[:-len(".index")]
+        reader = tf.train.load_checkpoint(prefix)
+        found[os.path.relpath(prefix, model_dir)] = all(
+            np.isfinite(reader.get_tensor(key)).all()
+            for key, dtype in reader.get_variable_to_dtype_map().items() if dtype.is_floating)
+    return found
+
+
+def test_an_update_that_overflows_the_weights_is_not_saved_and_the_rerun_trains_on(tmp_path):
+    """The update of step 2 (the end of epoch 1) leaves an infinite kernel, as an
+    overflowing learning rate does, while that step's loss is finite: the run stops there
+    with the divergence error, nothing holding the kernel is saved (the epoch end's
+    checkpoint and backup are refused), and running again resumes from step 1's backup
+    and finishes."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tf_keras  # pylint: disable=import-outside-toplevel
+    from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
+    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
+
+    class OverflowAfterStep(tf_keras.callbacks.Callback):
+        """Fills the head's class-map kernel with inf at the end of step `step`, after the
+        other callbacks' batch-end work and before the backup's (which comes last)."""
+
+        def __init__(self, step):
+            super().__init__()
+            self.step = step
+            self.name = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == self.step:
+                kernel = self.model.detector.head._class_maps.kernel  # pylint: disable=protected-access
+                kernel.assign(np.full(kernel.shape, np.inf, np.float32))
+                self.name = kernel.name
+
+    ensure_synthetic(tmp_path / "data")
+    model_dir = str(tmp_path / "run")
+    config = configs.load_config(DEFAULT_CONFIG, tiny_override(tmp_path / "data"))
+    overflow = OverflowAfterStep(2)
+    with pytest.raises(loop.TrainingDivergedError) as error:
+        loop.run_training(config, model_dir, evaluate=False, extra_callbacks=[overflow])
+    assert str(error.value).startswith(
+        "training diverged at step 2: its update made 1 of the "), str(error.value)
+    assert f"non-finite (first: {overflow.name}) at learning rate " in str(error.value)
+    assert "running again resumes from the backup" in str(error.value)
+    # Only step 1's backup is left: epoch 1's checkpoint and backup were refused.
+    assert _finite_checkpoints(model_dir) == {os.path.join("backup", "chief", "ckpt-1"): True}
+
+    summary = loop.run_training(config, model_dir, evaluate=False)
+    assert (summary.start_step, summary.final_step) == (1, 4)
+    assert all(np.isfinite(v) for v in summary.final_logs.values()), summary.final_logs
+    saved = _finite_checkpoints(model_dir)
+    assert sorted(saved) == ["ckpt-2", "ckpt-4"] and all(saved.values()), saved
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief")) is None
+
+
+def test_a_truncated_best_metric_file_is_refused_in_one_line(tmp_path):
+    """best/best_metric.json cut to nothing (a kill during an in-place write of an older
+    version) stops train_and_eval before training, in one line naming the file and saying
+    what deleting it does; no traceback."""
+    model_dir = tmp_path / "run"
+    path = model_dir / "best" / "best_metric.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("", encoding="utf-8")
+    ensure_synthetic(tmp_path / "data")
+    result = run(train_command(str(model_dir), tiny_override(tmp_path / "data"),
+                               mode="train_and_eval"), timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rfcn_tf.train: error: {path} cannot be read (not valid JSON: "
+                           "Expecting value: line 1 column 1 (char 0)); delete it to "
+                           "continue"), last
+    assert not read_train_log(str(model_dir))

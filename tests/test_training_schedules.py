@@ -1,5 +1,6 @@
 """Learning-rate schedules and the optimizer against hand-computed values."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -72,6 +73,27 @@ def test_cosine_schedule_matches_hand_computed_values():
 def test_bad_schedule_settings_name_the_key(changes, fragment):
     config = OptimizerConfig(**changes)
     with pytest.raises(ConfigError, match=fragment):
+        build_learning_rate_schedule(config, total_steps=100)
+
+
+# Every float field of OptimizerConfig (listed here, not taken from the module).
+OPTIMIZER_FLOATS = ("learning_rate", "momentum", "weight_decay", "warmup_start_factor",
+                    "decay_factor", "clip_norm")
+
+
+def test_the_float_list_covers_every_float_setting():
+    floats = {f.name for f in dataclasses.fields(OptimizerConfig) if f.type == "float"}
+    assert floats == set(OPTIMIZER_FLOATS)
+
+
+@pytest.mark.parametrize("key", OPTIMIZER_FLOATS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_float_settings_name_the_key(key, value):
+    """NaN passes every range comparison (nan <= 0 is False), and an infinite rate, decay
+    or clip norm (which scales the gradients by inf * 0) is no setting either."""
+    config = OptimizerConfig(**{key: value})
+    with pytest.raises(ConfigError, match=rf"^train\.optimizer\.{key} must be a finite "
+                                          rf"number, got {value}$"):
         build_learning_rate_schedule(config, total_steps=100)
 
 

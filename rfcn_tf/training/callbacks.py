@@ -12,6 +12,12 @@ model_dir/backup holds the fault-tolerance state of tf_keras' BackupAndRestore
 which includes a run that diverged (its last backup is from before the
 divergence, and running again resumes from it).
 
+No checkpoint, best checkpoint or backup is ever written, and no evaluation
+run, once the run has diverged: a loss term was non-finite (`StopOnNaN`) or,
+checked right before each of them, a variable of the model or of its
+optimizer is (`_diverged_now`; an update that makes the weights non-finite
+shows in the loss only one step later).
+
 In multi-worker training every worker takes part in every save (a save may
 involve collectives); workers other than the chief write to a private
 directory that is deleted right after (see `distribution.write_dir`).
@@ -23,15 +29,18 @@ import json
 import math
 import os
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from rfcn_tf.configs import ConfigError
 from rfcn_tf.training import distribution
+from rfcn_tf.training import optimizer as optimizer_lib
 
 BEST_METRIC_FILE = "best_metric.json"
+BEST_METRIC_KEYS = ("metric", "value", "step", "checkpoint")
 TRAIN_LOG_FILE = "train_log.jsonl"
 
 
@@ -48,6 +57,63 @@ def _diverged(model: tf_keras.Model) -> bool:
     return bool(getattr(model, "diverged_message", None))
 
 
+_AFTER_DIVERGENCE = (
+    "Training stopped; nothing is saved from this step on, so the checkpoints and the backup "
+    "(model_dir/backup) hold the finite state from before it, and running again resumes from "
+    "the backup (if that diverges again at once, the backed-up weights are finite but already "
+    "too large: delete model_dir/backup to continue from the latest ckpt-<step>, or use a new "
+    "--model_dir). Try a lower train.optimizer.learning_rate, more train.optimizer.warmup_steps, "
+    "gradient clipping (train.optimizer.clip_norm, e.g. 10), or check the data for "
+    "degenerate boxes.")
+
+
+def _stop_diverged(model: tf_keras.Model, cause: str) -> None:
+    """Stops training with the message "training diverged at step <step><cause>. <what now>",
+    printed, logged and left in `model.diverged_message`."""
+    model.diverged_message = (f"training diverged at step {global_step(model)}{cause}. "
+                              + _AFTER_DIVERGENCE)
+    tf.get_logger().error(model.diverged_message)
+    print(f"\nERROR: {model.diverged_message}", flush=True)
+    model.stop_training = True
+
+
+@tf.function
+def _finite_flags(variables) -> tf.Tensor:
+    """bool [len(variables)]: whether each variable holds finite values only (one graph)."""
+    return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+
+
+def non_finite_variables(model: tf_keras.Model) -> Tuple[List[str], int]:
+    """(names, checked): the names of the floating-point variables of `model` (weights,
+    batch-norm statistics, loss trackers) and of its optimizer (momentum slots)
+    that hold a NaN or an infinity, and how many variables were checked."""
+    variables = [v for v in list(model.variables) + list(model.optimizer.variables)
+                 if v.dtype.is_floating]
+    finite = _finite_flags(variables).numpy()
+    return [v.name for v, ok in zip(variables, finite) if not ok], len(variables)
+
+
+def _diverged_now(model: tf_keras.Model) -> bool:
+    """Whether the run has diverged: StopOnNaN saw a non-finite loss, or now (after the
+    last update) a variable of the model or its optimizer is not finite, in which case
+    the divergence is recorded and training stopped (`_stop_diverged`).
+
+    Every callback that saves or evaluates the model asks this first, so no checkpoint
+    or backup is ever written with non-finite values: an update that makes the weights
+    non-finite shows in the loss only at the next step.
+    """
+    if _diverged(model):
+        return True
+    bad, checked = non_finite_variables(model)
+    if not bad:
+        return False
+    lr = float(optimizer_lib.last_learning_rate(model.optimizer))
+    _stop_diverged(model, f": its update made {len(bad)} of the {checked} model and optimizer "
+                          f"variables non-finite (first: {', '.join(bad[:3])}) at learning "
+                          f"rate {lr:.6g}")
+    return True
+
+
 class StopOnNaN(tf_keras.callbacks.Callback):
     """Stops training at the first step whose loss terms are not finite.
 
@@ -55,7 +121,9 @@ class StopOnNaN(tf_keras.callbacks.Callback):
     what to try) is printed, logged, and left in `model.diverged_message`;
     the checkpoint and backup callbacks then skip saving and the last backup
     is kept, so model_dir keeps what was saved before this step.
-    `rfcn_tf.train` exits with an error carrying the message.
+    `rfcn_tf.train` exits with an error carrying the message. The callbacks
+    that save also refuse to, and stop training the same way, when a variable
+    is non-finite at that moment (`_diverged_now`).
     """
 
     def __init__(self):
@@ -76,18 +144,9 @@ class StopOnNaN(tf_keras.callbacks.Callback):
             return
         values = ", ".join(f"{name}={float(logs[name])}" for name in bad)
         lr = logs.get("learning_rate")
-        self.model.diverged_message = (
-            f"training diverged at step {global_step(self.model)} (epoch {self._epoch + 1}, "
-            f"batch {batch + 1}): non-finite loss terms {values}"
-            + (f" at learning rate {float(lr):.6g}" if lr is not None else "")
-            + ". Training stopped; the checkpoints and the backup (model_dir/backup) from "
-              "before this step are kept, and running again resumes from the backup. "
-              "Try a lower train.optimizer.learning_rate, more train.optimizer.warmup_steps, "
-              "gradient clipping (train.optimizer.clip_norm, e.g. 10), or check the data "
-              "for degenerate boxes.")
-        tf.get_logger().error(self.model.diverged_message)
-        print(f"\nERROR: {self.model.diverged_message}", flush=True)
-        self.model.stop_training = True
+        _stop_diverged(self.model, f" (epoch {self._epoch + 1}, batch {batch + 1}): non-finite "
+                                   f"loss terms {values}"
+                       + (f" at learning rate {float(lr):.6g}" if lr is not None else ""))
 
 
 class _Saver:
@@ -116,10 +175,8 @@ class LatestCheckpoint(tf_keras.callbacks.Callback):
         self._last_saved_step = None
 
     def on_epoch_end(self, epoch, logs=None):
-        if _diverged(self.model):
-            return
         step = global_step(self.model)
-        if step != self._last_saved_step:
+        if step != self._last_saved_step and not _diverged_now(self.model):
             self._saver.save(step)
             self._last_saved_step = step
 
@@ -129,8 +186,10 @@ class BestCheckpoint(tf_keras.callbacks.Callback):
 
     The best value lives in best/best_metric.json ({"metric", "value", "step",
     "checkpoint"}), so a restarted run compares against it instead of
-    starting over. Epochs without that log entry (no evaluation) are skipped;
-    a NaN value never counts as an improvement.
+    starting over; it is written atomically (a temporary file renamed over it),
+    and a damaged one is refused when read (`read_best_metric`). Epochs without
+    that log entry (no evaluation) are skipped; a NaN value never counts as an
+    improvement.
     """
 
     def __init__(self, checkpoint: tf.train.Checkpoint, model_dir: str, metric: str,
@@ -144,27 +203,60 @@ class BestCheckpoint(tf_keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get("val_" + log_key(self.metric))
-        if value is None or _diverged(self.model) or not math.isfinite(float(value)):
+        if value is None or not math.isfinite(float(value)):
             return
         if self.best is not None and self.best["metric"] == self.metric and \
                 float(value) <= self.best["value"]:
+            return
+        if _diverged_now(self.model):
             return
         step = global_step(self.model)
         path = self._saver.save(step)
         self.best = {"metric": self.metric, "value": float(value), "step": step,
                      "checkpoint": path}
         if self._is_chief:
-            with tf.io.gfile.GFile(os.path.join(self.directory, BEST_METRIC_FILE), "w") as f:
-                json.dump(self.best, f, indent=2)
+            _write_atomically(os.path.join(self.directory, BEST_METRIC_FILE),
+                              json.dumps(self.best, indent=2))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes `text` to a temporary file next to `path` and renames it over `path`, so
+    that `path` holds either its old or its new contents, whenever the write stops."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def read_best_metric(model_dir: str) -> Optional[dict]:
-    """The contents of model_dir/best/best_metric.json, or None."""
+    """The contents of model_dir/best/best_metric.json, or None when there is none.
+
+    Raises ConfigError naming the file and what to do when it is not a JSON object
+    with the keys BEST_METRIC_KEYS and a numeric "value" (e.g. truncated by a kill
+    during a write of an older version, which wrote it in place): the best
+    checkpoint is never replaced without the value it has to beat.
+    """
     path = os.path.join(model_dir, "best", BEST_METRIC_FILE)
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    with tf.io.gfile.GFile(path, "rb") as f:
+        text = f.read()
+    try:
+        best = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise _invalid_best_metric(path, f"not valid JSON: {e}") from e
+    if not (isinstance(best, dict) and all(key in best for key in BEST_METRIC_KEYS)
+            and isinstance(best["value"], (int, float))):
+        raise _invalid_best_metric(path, f"not a JSON object with the keys "
+                                         f"{list(BEST_METRIC_KEYS)} and a numeric value")
+    return best
+
+
+def _invalid_best_metric(path: str, reason: str) -> ConfigError:
+    directory = os.path.dirname(path)
+    return ConfigError(f"{path} cannot be read ({reason}); delete it to continue: the next "
+                       f"evaluated checkpoint then becomes the best one and replaces "
+                       f"{directory}/ckpt-<step> (copy {directory} elsewhere first to keep it)")
 
 
 class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
@@ -176,10 +268,12 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
     callbacks' epoch-end work (put this callback last). So a run killed after
     an epoch end resumes exactly at the next epoch, and one killed during the
     epoch-end work (evaluation, checkpoints) resumes a few steps before it and
-    redoes it, instead of skipping it. Nothing is backed up after the run
-    diverged (StopOnNaN), and the end of a diverged run keeps the last backup
+    redoes it, instead of skipping it. Nothing is backed up once the run
+    diverged (StopOnNaN, or a non-finite variable found right before a backup,
+    see `_diverged_now`), and the end of a diverged run keeps the last backup
     (tf_keras deletes it at the end of a run): running again resumes from it,
-    i.e. from the state after the last backed-up step before the divergence.
+    i.e. from the state after the last backed-up step whose variables were all
+    finite.
     """
 
     def on_train_batch_end(self, batch, logs=None):
@@ -189,8 +283,11 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         # The saved counters are this epoch and its last batch index, which
         # tf_keras restores as "start epoch + 1 at batch 0".
-        if not _diverged(self.model):
-            self._backup(epoch=epoch)
+        self._backup(epoch=epoch)
+
+    def _backup(self, epoch, batch=0):
+        if not _diverged_now(self.model):
+            super()._backup(epoch, batch)
 
     def on_train_end(self, logs=None):
         delete_checkpoint = self.delete_checkpoint
@@ -253,7 +350,7 @@ class PeriodicEvaluation(tf_keras.callbacks.Callback):
     after this callback). All results, per-class ones included, and the
     images go to TensorBoard under model_dir/logs/eval at the global step.
     Only the chief writes summaries; every worker evaluates, so all of them
-    agree on the best checkpoint.
+    agree on the best checkpoint. A diverged run is not evaluated (`_diverged_now`).
     """
 
     def __init__(self, evaluate_fn: Callable, every_epochs: int, log_dir: str,
@@ -272,7 +369,7 @@ class PeriodicEvaluation(tf_keras.callbacks.Callback):
         return last or (self._every > 0 and (epoch + 1) % self._every == 0)
 
     def on_epoch_end(self, epoch, logs=None):
-        if _diverged(self.model) or not self._due(epoch):
+        if not self._due(epoch) or _diverged_now(self.model):
             return
         results, samples = self._evaluate_fn()
         step = global_step(self.model)

@@ -85,8 +85,19 @@ class WarmupCosineDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_start_factor": self.warmup_start_factor}
 
 
+# The float settings of OptimizerConfig: NaN or infinity is never valid for any of them
+# (NaN passes every range comparison; an infinite clip_norm scales gradients by inf * 0).
+FLOAT_KEYS = ("learning_rate", "momentum", "weight_decay", "warmup_start_factor",
+              "decay_factor", "clip_norm")
+
+
 def validate_optimizer_config(config: OptimizerConfig, total_steps: int) -> None:
-    """Raises ConfigError naming the key when the schedule cannot be built."""
+    """Raises ConfigError naming the key when the schedule cannot be built: a float
+    setting (FLOAT_KEYS) that is NaN or infinite, or any setting out of its range."""
+    for key in FLOAT_KEYS:
+        value = getattr(config, key)
+        if not math.isfinite(value):
+            raise ConfigError(f"train.optimizer.{key} must be a finite number, got {value}")
     if config.learning_rate <= 0:
         raise ConfigError(f"train.optimizer.learning_rate must be > 0, got {config.learning_rate}")
     if not 0.0 <= config.momentum < 1.0:
