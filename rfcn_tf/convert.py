@@ -21,7 +21,8 @@ tftrt: TF-TRT (FP32/FP16); fails at once where TensorFlow has no TensorRT (all p
   wheels since 2.18), pointing to the ONNX route.
 Exit status 1 with a one-line error for anything that cannot be converted, a
 --saved_model that cannot be loaded (no saved_model.pb, a corrupt or empty one, missing
-variables) included.
+variables) and an --input_size over the export's pixel limit
+(rfcn_tf.export.inputs.MAX_IMAGE_PIXELS, refused before converting) included.
 """
 
 from __future__ import annotations

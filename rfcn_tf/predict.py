@@ -14,7 +14,9 @@ globs, comma separated. Images that cannot be read or decoded, or that the model
 refuses (its in-graph checks: e.g. over its pixel limit, or a WebP sent to a signature
 taking encoded JPEG/PNG/GIF/BMP bytes), are skipped and counted; the command ends by
 saying what it wrote and what it skipped, with each reason (exit status 1 when nothing
-could be done).
+could be done). An output file that cannot be written (a full disk, no permission) stops
+the command with exit status 1 and a one-line error naming the file and the OS reason;
+that image's PNG and JSON are removed, those of the images before it kept.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def main(argv):
     except OSError as error:
         sys.exit(f"rfcn_tf.predict: error: cannot create --output_dir={FLAGS.output_dir}: "
                  f"{error.strerror}")
-    result = predictor.predict_files(detector, paths, FLAGS.output_dir, FLAGS.min_score_thresh)
+    try:
+        result = predictor.predict_files(detector, paths, FLAGS.output_dir,
+                                         FLAGS.min_score_thresh)
+    except predictor.OutputWriteError as error:  # e.g. a full disk: the next would fail too
+        sys.exit(f"rfcn_tf.predict: error: {error}")
     written, skipped = result["written"], result["skipped"]
     print(f"\nWrote {len(written)} PNG + JSON pairs to {os.path.abspath(FLAGS.output_dir)} "
           f"({result['detections']} detections with score >= {FLAGS.min_score_thresh}).")

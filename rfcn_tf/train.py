@@ -13,7 +13,9 @@ Without --config_file the embedded default (configs/rfcn_synthetic.yaml of
 this repository) is used. The run ends by listing what it wrote and the final
 metrics. Exit status 1 with a one-line error for a bad config, bad data, a
 model_dir whose checkpoint does not fit the configured model or cannot be read,
-or a diverged run.
+a diverged run, or a failure to write into model_dir (a full disk, no permission,
+a parent that is a file: the line names the file and the OS reason; the same
+command then continues from the latest checkpoint or backup once that is fixed).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ flags.DEFINE_string("model_dir", None, "Directory for checkpoints, logs and resu
 flags.DEFINE_string("params_override", "", 'Overrides, "a.b=1,c.d=x", or a YAML file.')
 flags.DEFINE_enum("mode", "train_and_eval", list(experiment.MODES), "What to run.")
 flags.mark_flag_as_required("model_dir")
+
+# What to do after a failure to write into model_dir (a full disk, no permission, a
+# parent that is a file), training and --mode=eval. Checkpoints and backups are written
+# under a temporary name and then renamed, so a failed save leaves the earlier ones whole.
+TRAIN_WRITE_ADVICE = ("once that is fixed, the same command continues training from the "
+                      "latest checkpoint or backup in model_dir")
+EVAL_WRITE_ADVICE = "once that is fixed, run the command again"
 
 
 def _print_block(title: str, lines) -> None:
@@ -88,7 +97,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config_file = FLAGS.config_file or DEFAULT_CONFIG
     errors = (*cli_errors.USER_ERRORS, loop.CheckpointReadError, loop.TrainingDivergedError)
-    with cli_errors.exit_on_user_error("rfcn_tf.train", errors):
+    advice = EVAL_WRITE_ADVICE if FLAGS.mode == "eval" else TRAIN_WRITE_ADVICE
+    with cli_errors.exit_on_user_error("rfcn_tf.train", errors, FLAGS.model_dir, advice):
         config = configs.load_config(config_file, FLAGS.params_override)
         experiment.validate_experiment(config, FLAGS.mode)
         logging.info("config %s, model_dir %s, mode %s", config_file, FLAGS.model_dir, FLAGS.mode)

@@ -16,6 +16,7 @@ import rfcn_tf  # noqa: F401
 import tensorflow as tf
 
 from rfcn_tf import configs
+from rfcn_tf.export import inputs, tflite
 
 
 run_command = ef.run_module
@@ -89,6 +90,23 @@ def test_convert_refuses_a_bad_saved_model_pb_in_one_line(tmp_path, contents, fm
                          f"--output={tmp_path / 'model.out'}", "--input_size=64,64")
     assert_one_line_error(result, "convert", f"{tmp_path} is not a valid SavedModel", message)
     assert not (tmp_path / "model.out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_convert_refuses_an_input_size_over_the_pixel_limit_before_converting(tmp_path, fmt):
+    """100000 x 100000 used to be converted and then crash (a 27.9 GiB latency input);
+    it is refused when --input_size is parsed, before the SavedModel is even loaded (an
+    empty saved_model.pb gets no further)."""
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    result = run_command("rfcn_tf.convert", f"--format={fmt}", f"--saved_model={tmp_path}",
+                         f"--output={tmp_path / 'model.out'}", "--input_size=100000,100000")
+    assert_one_line_error(result, "convert", "input size 100000,100000 has 10,000,000,000 "
+                          f"pixels, more than the {inputs.MAX_IMAGE_PIXELS:,} an export takes")
+    assert not (tmp_path / "model.out").exists()
+    side = int(inputs.MAX_IMAGE_PIXELS ** 0.5)  # the largest square within the limit
+    assert tflite.parse_input_size(str(side)) == (side, side)
+    with pytest.raises(tflite.ConversionError, match="give a smaller one"):
+        tflite.parse_input_size(str(side + 1))
 
 
 def saved_model_without_variables(directory) -> str:

@@ -1,10 +1,12 @@
 """`rfcn_tf.predict`: per-image JSON and drawn PNG; on the model overfitted to the synthetic
 scene the drawn box pixels are where the detection (and the object) is. Exports whose only
 signature takes strings (encoded images, tf.Examples) work too, and a file the model
-refuses is skipped with the refusal's own message."""
+refuses is skipped with the refusal's own message; an output that cannot be written stops
+the command in one line, leaving no part of it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import os
@@ -112,6 +114,74 @@ def test_predict_refuses_an_output_dir_it_cannot_create(export_path, tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"rfcn_tf.predict: error: cannot create --output_dir={output_dir}: Not a directory")
+
+
+def _save_failing_on(name: str, real_save):
+    """Image.save that, for a file called `name`, leaves it empty and raises ENOSPC, as a
+    full disk does when the file is closed; other files are saved."""
+    def save(image, path, *args, **kwargs):
+        if os.path.basename(path) != name:
+            return real_save(image, path, *args, **kwargs)
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
+def _dump_failing_on(name: str, real_dump):
+    """json.dump that, into a file called `name`, writes a part and raises ENOSPC."""
+    def dump(record, f, **kwargs):
+        if os.path.basename(f.name) != name:
+            return real_dump(record, f, **kwargs)
+        f.write("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return dump
+
+
+@pytest.mark.parametrize("failing", ["b.png", "b.json"])
+def test_an_output_that_cannot_be_written_stops_and_leaves_no_part_of_it(
+        export_path, tmp_path, monkeypatch, failing):
+    """A full disk fails every next image too: predict_files stops at the first output it
+    cannot write, naming it and the OS reason, and removes that image's PNG and JSON."""
+    Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
+    Image.fromarray(ef.scene(6)).save(tmp_path / "b.png")
+    Image.fromarray(ef.scene(7)).save(tmp_path / "c.png")
+    monkeypatch.setattr(Image.Image, "save", _save_failing_on(failing, Image.Image.save))
+    monkeypatch.setattr(json, "dump", _dump_failing_on(failing, json.dump))
+    out = tmp_path / "out"
+    with pytest.raises(predictor.OutputWriteError) as error:
+        predictor.predict_files(predictor.load_detector(export_path),
+                                predictor.list_images(f"{tmp_path}/*.png"), str(out),
+                                show_progress=False)
+    assert str(error.value) == f"cannot write {out / failing}: No space left on device"
+    assert sorted(os.listdir(out)) == ["a.json", "a.png"]
+
+
+def test_predict_command_on_a_full_disk_is_a_one_line_error(export_path, tmp_path):
+    Image.fromarray(ef.scene(5)).save(tmp_path / "a.png")
+    Image.fromarray(ef.scene(6)).save(tmp_path / "b.png")
+    out = tmp_path / "out"
+    script = ("import sys, errno, os\n"
+              "from PIL import Image\n"
+              "real_save = Image.Image.save\n"
+              "def save(image, path, *args, **kwargs):\n"
+              "    if os.path.basename(path) == 'b.png':\n"
+              "        open(path, 'wb').close()\n"
+              "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+              "    return real_save(image, path, *args, **kwargs)\n"
+              "Image.Image.save = save\n"
+              "from absl import app\n"
+              "from rfcn_tf import predict\n"
+              "app.run(predict.main, argv=sys.argv)\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script, f"--saved_model={export_path}",
+         f"--images={tmp_path}/*.png", f"--output_dir={out}"],
+        cwd=ef.REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**ef.clean_env(), "PYTHONPATH": ef.REPO})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"rfcn_tf.predict: error: cannot write {out / 'b.png'}: No space left on device")
+    assert sorted(os.listdir(out)) == ["a.json", "a.png"]
 
 
 # The graph's refusal of bytes that are not a JPEG, PNG, GIF or BMP file (rfcn_tf.export.

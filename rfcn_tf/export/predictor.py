@@ -8,6 +8,7 @@ input type it takes. `load_detector` loads an export, `predict_files` runs it on
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -79,13 +80,37 @@ def _output_stem(path: str, used: set) -> str:
     return candidate
 
 
+class OutputWriteError(OSError):
+    """An output file of predict_files could not be written; the message names the file
+    and the OS reason."""
+
+
+def _write_outputs(drawn: np.ndarray, png_path: str, record: dict, json_path: str) -> None:
+    """Writes the drawn image to png_path and `record` to json_path. On an OSError (a full
+    disk, no permission) removes both files (those it can), so that no partial output is
+    left, and raises OutputWriteError "cannot write <file>: <OS reason>"."""
+    path = png_path
+    try:
+        Image.fromarray(drawn).save(png_path)
+        path = json_path
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+    except OSError as error:
+        for written in (png_path, json_path):
+            with contextlib.suppress(OSError):  # not there, or not removable either
+                os.remove(written)
+        raise OutputWriteError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def predict_files(detector: Detector, paths: List[str], output_dir: str,
                   min_score: float = 0.3, show_progress: bool = True) -> Dict[str, object]:
     """Runs `detector` (from load_detector) on the image files and writes <stem>.png and
     <stem>.json per image into output_dir; returns {"written": [json paths], "skipped":
     {path: reason}, "detections": count}. A file that cannot be read or decoded, or that
     the export refuses (e.g. over its pixel limit, or a format its string signature does
-    not take), is skipped, its reason the error's meaningful line (export.error_line)."""
+    not take), is skipped, its reason the error's meaningful line (export.error_line).
+    A failure to write an image's outputs (a full disk would fail every next image too)
+    raises OutputWriteError (_write_outputs), the outputs of the images before it kept."""
     detect, class_names = detector
     os.makedirs(output_dir, exist_ok=True)
     written, skipped, total, used = [], {}, 0, set()
@@ -102,11 +127,10 @@ def predict_files(detector: Detector, paths: List[str], output_dir: str,
         records = drawing.detection_records(outputs, height, width, class_names, min_score)
         total += len(records)
         stem = _output_stem(path, used)
-        Image.fromarray(drawing.draw_detections(image, records)).save(
-            os.path.join(output_dir, stem + ".png"))
         json_path = os.path.join(output_dir, stem + ".json")
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump({"image": os.path.abspath(path), "height": height, "width": width,
-                       "min_score_thresh": min_score, "detections": records}, f, indent=2)
+        _write_outputs(drawing.draw_detections(image, records),
+                       os.path.join(output_dir, stem + ".png"),
+                       {"image": os.path.abspath(path), "height": height, "width": width,
+                        "min_score_thresh": min_score, "detections": records}, json_path)
         written.append(json_path)
     return {"written": written, "skipped": skipped, "detections": total}

@@ -69,7 +69,10 @@ def check_convertible(saved_model_dir: str, target: str) -> None:
 
 
 def parse_input_size(text: str) -> Tuple[int, int]:
-    """"H,W" (or "S" for S x S) -> (H, W), both >= 1."""
+    """"H,W" (or "S" for S x S) -> (H, W), both >= 1 and H * W at most the pixel limit of
+    an export's inputs (rfcn_tf.export.inputs.MAX_IMAGE_PIXELS, which its graph refuses
+    above); raises ConversionError otherwise."""
+    from rfcn_tf.export.inputs import MAX_IMAGE_PIXELS  # pylint: disable=import-outside-toplevel
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
     try:
         size = tuple(int(p) for p in parts)
@@ -80,6 +83,10 @@ def parse_input_size(text: str) -> Tuple[int, int]:
     if len(size) != 2 or min(size) < 1:
         raise ConversionError(f"input size must be 'H,W' or 'S' with positive integers, "
                               f"got {text!r}")
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ConversionError(f"input size {size[0]},{size[1]} has {size[0] * size[1]:,} "
+                              f"pixels, more than the {MAX_IMAGE_PIXELS:,} an export takes "
+                              "(rfcn_tf.export.inputs.MAX_IMAGE_PIXELS); give a smaller one")
     return size  # type: ignore[return-value]
 
 
