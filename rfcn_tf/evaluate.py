@@ -15,15 +15,19 @@ directory, or to the SavedModel's parent directory), and with
 (category ids are the dataset's COCO ids for COCO data, else the label-map ids).
 
 A checkpoint is evaluated through the input pipeline in batches of
-eval.batch_size, and also reports the validation loss terms. A SavedModel is
+eval.batch_size, and also reports the validation loss terms; eval_data's label
+map must be the one the checkpoint was trained with (the training run's
+model_dir/label_map.pbtxt, found like config.yaml; for a run that recorded
+none, the config's train_data label map): the same names in the same order,
+else an error. A SavedModel is
 fed the original images one at a time through its uint8 image signature
 ("image_tensor", else "serving_default"; it resizes them itself); it needs
 eval_data in voc, coco or synthetic format, whose label map has the classes of
 the export's metadata (assets/rfcn_export.json).
 
 Exit status 1 with a one-line error for a bad config or data, a checkpoint that
-does not fit the configured model or cannot be read, or a SavedModel of other
-classes or that cannot be loaded.
+does not fit the configured model, was trained with other classes or cannot be
+read, or a SavedModel of other classes or that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -51,14 +55,9 @@ flags.DEFINE_string("coco_detections_file", None, "Also write detections here (C
 
 
 def find_run_config(path: str) -> Optional[str]:
-    """The config.yaml of the training run that `path` (checkpoint, dir or export) belongs to."""
-    path = os.path.abspath(path)
-    start = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
-    for directory in (start, os.path.dirname(start), os.path.dirname(os.path.dirname(start))):
-        candidate = os.path.join(directory, "config.yaml")
-        if tf.io.gfile.exists(candidate):
-            return candidate
-    return None
+    """The config.yaml of the training run that `path` (checkpoint, dir or export) belongs
+    to (loop.find_run_file)."""
+    return loop.find_run_file(path, loop.CONFIG_FILE)
 
 
 def _coco_category_map(config: configs.ExperimentConfig):
@@ -78,28 +77,19 @@ def _takes_uint8_images(signature) -> bool:
     return (len(specs) == 1 and specs[0].dtype == tf.uint8 and specs[0].shape.rank == 4)
 
 
-def _same_class(class_id: int, exported: str, evaluated: str) -> bool:
-    """Whether two names of class `class_id` agree; the placeholder "class_<id>" (a class
-    without a name) agrees with any name."""
-    return exported == evaluated or f"class_{class_id}" in (exported, evaluated)
-
-
 def check_saved_model_classes(saved_model: str, class_names: List[str]) -> None:
     """Raises ConfigError unless the SavedModel detects the classes 1..C named `class_names`
     (the eval label map's): its rfcn_tf metadata (assets/rfcn_export.json, "class_names")
-    must have as many classes, with the same name for each id (see _same_class). A
+    must name the same classes in the same order (loop.check_same_classes). A
     SavedModel without that metadata is evaluated unchecked, with a warning."""
     exported = read_metadata(saved_model).get("class_names")
     if not exported:
         logging.warning("SavedModel %s has no class names in assets/%s; its class ids are not "
                         "checked against the eval_data label map", saved_model, METADATA_ASSET)
         return
-    if len(exported) != len(class_names) or not all(
-            _same_class(i, a, b) for i, (a, b) in enumerate(zip(exported, class_names), 1)):
-        raise configs.ConfigError(
-            f"SavedModel {saved_model} detects {len(exported)} classes {exported}, but the "
-            f"eval_data label map has {len(class_names)} classes {class_names}; evaluate it on "
-            f"the data it was trained for (--config_file, eval_data.* overrides)")
+    loop.check_same_classes(f"SavedModel {saved_model} detects", exported,
+                            "the eval_data label map", class_names,
+                            loop.EVALUATE_ON_TRAINING_CLASSES)
 
 
 def evaluate_saved_model(config: configs.ExperimentConfig, saved_model: str,

@@ -209,3 +209,29 @@ def test_saved_model_that_cannot_be_loaded_is_a_one_line_command_error(tmp_path,
         expected = f"rfcn_tf.evaluate: error: cannot load the SavedModel {export}: "
     last = _one_line_error(f"--saved_model={export}", tiny_override(tmp_path / "data"))
     assert last.startswith(expected), last
+
+
+def test_checkpoint_evaluated_on_coco_data_of_other_class_ids_is_refused(tmp_path):
+    """A model trained with classes 1..4 = ellipse, rectangle, triangle, cross (recorded in
+    model_dir/label_map.pbtxt by training) evaluated on COCO data whose categories, by id,
+    order the same names otherwise: refused in one line naming both lists (it scored class 1
+    as the COCO data's class 1 and wrote its detections under that category id)."""
+    from rfcn_tf.data.label_map import LabelMap  # pylint: disable=import-outside-toplevel
+    ensure_synthetic(tmp_path / "data")
+    prefix = save_tiny_checkpoint(tmp_path / "run", tmp_path / "data")
+    LabelMap.from_names(SYNTHETIC_CLASSES).write(str(tmp_path / "run" / "label_map.pbtxt"))
+    categories = {5: "rectangle", 9: "cross", 12: "ellipse", 14: "triangle"}
+    with open(tmp_path / "coco.json", "w", encoding="utf-8") as f:
+        json.dump({"images": [{"id": 1, "file_name": "synth_000000.jpg", "height": 128,
+                               "width": 128}],
+                   "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "iscrowd": 0,
+                                    "bbox": [10.0, 10.0, 40.0, 40.0], "area": 1600.0}],
+                   "categories": [{"id": i, "name": n} for i, n in categories.items()]}, f)
+    override = tiny_override(tmp_path / "data", extra=(
+        f"eval_data.format=coco,eval_data.path={tmp_path / 'data' / 'JPEGImages'},"
+        f"eval_data.annotation_file={tmp_path / 'coco.json'},eval_data.class_names=[]"))
+    last = _one_line_error(f"--checkpoint={tmp_path / 'run'}", override)
+    assert last == (f"rfcn_tf.evaluate: error: checkpoint {prefix} was trained with 4 classes "
+                    f"{list(SYNTHETIC_CLASSES)}, but the eval_data label map has 4 classes "
+                    f"{list(categories.values())}; evaluate it on the data it was trained for "
+                    f"(--config_file, eval_data.* overrides)"), last

@@ -268,6 +268,50 @@ def test_export_restores_the_detector_when_saving_fails(monkeypatch, tmp_path):
     assert detector.matmul_convs_enabled()
 
 
+def test_a_failed_export_leaves_no_version_and_keeps_the_previous_one(monkeypatch, tmp_path):
+    """A save that fails midway (as on a full disk: variables and assets written, no
+    saved_model.pb) leaves no export_dir/<version> that TF Serving would try to load and
+    no partial directory, and an earlier export of that version stays whole; a complete
+    re-export replaces it."""
+    config, detector = ef.trained()
+    export_dir = str(tmp_path / "export")
+
+    def export(**kwargs):
+        return saved_model.export_detector(detector, config, export_dir, version=3,
+                                           class_names=ef.CLASS_NAMES,
+                                           extra_signatures=False, **kwargs)
+
+    path = export()
+    os.mkdir(tmp_path / "plain")  # TF Serving may run as another user: not mkdtemp's 0700
+    assert os.stat(path).st_mode == os.stat(tmp_path / "plain").st_mode
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        previous = f.read()
+    save = tf.saved_model.save
+
+    def save_then_fail(module, directory, **kwargs):
+        save(module, directory, **kwargs)
+        os.remove(os.path.join(directory, "saved_model.pb"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
+    for version in (3, 4):
+        with pytest.raises(OSError, match="No space left"):
+            saved_model.export_detector(detector, config, export_dir, version=version,
+                                        input_type="encoded_image_string_tensor",
+                                        class_names=ef.CLASS_NAMES, extra_signatures=False)
+        assert os.listdir(export_dir) == ["3"]
+        assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        assert f.read() == previous
+    assert saved_model.read_metadata(path)["input_type"] == "image_tensor"
+
+    monkeypatch.setattr(tf.saved_model, "save", save)
+    assert export(input_type="encoded_image_string_tensor") == path
+    assert os.listdir(export_dir) == ["3"]
+    assert saved_model.read_metadata(path)["input_type"] == "encoded_image_string_tensor"
+    assert list(tf.saved_model.load(path).signatures) == ["serving_default"]
+
+
 def test_exports_trace_plain_convolutions(export_path):
     # The matmul form of MatmulConv2D is an in-process CPU choice; exports keep Conv2D.
     from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel

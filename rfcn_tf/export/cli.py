@@ -7,8 +7,11 @@ r"""`python -m rfcn_tf.export`: a training checkpoint -> SavedModel for TF Servi
       [--params_override=...]
   python -m rfcn_tf.export --model_dir=runs/bccd        # its config.yaml, best or latest
 
-writes export_dir/<version>/ (see rfcn_tf.export.saved_model). Exit status 1 with a
-one-line error for a bad config, checkpoint or option.
+writes export_dir/<version>/ (see rfcn_tf.export.saved_model; written whole or not at
+all). Its classes are those the checkpoint was trained with: the training run's
+model_dir/label_map.pbtxt (found beside the checkpoint or one or two levels up), else the
+config's train_data label map; never eval_data's. Exit status 1 with a one-line error for
+a bad config, checkpoint or option.
 """
 
 from __future__ import annotations

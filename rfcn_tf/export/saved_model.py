@@ -2,7 +2,9 @@ r"""SavedModel export for TF Serving: images in, TF Object Detection API detecti
 
 `export_saved_model(config, checkpoint, export_dir)` (and `python -m rfcn_tf.export`,
 see rfcn_tf/export/cli.py) writes export_dir/<version>/, the layout TF Serving expects
-(version = the checkpoint's training step unless given). Signatures:
+(version = the checkpoint's training step unless given), atomically: a failed export
+leaves no partial version directory and an earlier export of that version in place.
+Signatures:
 
   serving_default               the --input_type one (config export.input_type):
   image_tensor                  input_tensor uint8 [B, H, W, 3], any H, W (one size
@@ -20,8 +22,9 @@ outputs
 D = model.detection.max_detections. Preprocessing (resize, normalisation, padding) is in
 the graph: rfcn_tf.export.inputs.
 
-Assets: assets/label_map.pbtxt (TF OD API label map) and assets/rfcn_export.json
-(input type, PSRoI implementation, preprocessing, class names, model config).
+Assets: assets/label_map.pbtxt (TF OD API label map of the classes the model was trained
+with: see class_names_for_export) and assets/rfcn_export.json (input type, PSRoI
+implementation, preprocessing, class names, model config).
 
 PSRoI pooling flavour (psroi_impl): "portable" (default) uses stock TensorFlow ops
 only, so stock TF Serving, a Python without rfcn_tf, TFLite and tf2onnx can all run
@@ -41,6 +44,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Dict, List, Optional, Sequence
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
@@ -98,24 +102,18 @@ class DetectionModule(tf.Module):
             self.functions[input_type] = function
 
 
-def class_names_for_export(config: configs.ExperimentConfig) -> List[str]:
-    """Names of classes 1..num_classes: eval_data's label map (class_names, label_map
-    file, label_map.pbtxt beside the data, or the dataset's own classes), else
-    "class_<id>" with a warning when the data cannot be opened."""
-    from rfcn_tf.data import sources  # pylint: disable=import-outside-toplevel
-    from rfcn_tf.data.records import DataError  # pylint: disable=import-outside-toplevel
-    num_classes = config.model.num_classes
-    try:
-        label_map = sources.open_source(config.eval_data).label_map
-    except (DataError, OSError) as error:
-        logging.warning("export: no label map from eval_data (%s); classes are named "
-                        "class_1..class_%d", error, num_classes)
-        return [f"class_{i}" for i in range(1, num_classes + 1)]
-    names = label_map.names
-    if len(names) != num_classes:
-        raise ExportError(f"model.num_classes is {num_classes} but the eval_data label map has "
-                          f"{len(names)} classes {names}")
-    return [name or f"class_{i}" for i, name in enumerate(names, start=1)]
+def class_names_for_export(config: configs.ExperimentConfig,
+                           checkpoint_path: Optional[str] = None) -> List[str]:
+    """Names of classes 1..num_classes that the model was trained with
+    (loop.trained_class_names: the label map its training run recorded beside
+    `checkpoint_path`, else train_data's; never eval_data's), else "class_<id>" with a
+    warning when neither can be read."""
+    from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
+    names = loop.trained_class_names(config, checkpoint_path)
+    if names is None:
+        logging.warning("export: classes are named class_1..class_%d", config.model.num_classes)
+        return [f"class_{i}" for i in range(1, config.model.num_classes + 1)]
+    return names
 
 
 def _check_psroi_flavour(psroi_impl: str) -> None:
@@ -162,9 +160,12 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     """Saves `detector` (an RfcnModel) as export_dir/<version>; returns that path.
 
     input_type / psroi_impl / extra_signatures / nms_version default to config.export's;
-    class_names to `class_names_for_export(config)`. An existing export_dir/<version> is
-    replaced. The detector's PSRoI implementation and NMS are switched for the trace and
-    restored after; its convolutions are traced as Conv2D (no MatmulConv2D matmul form).
+    class_names to `class_names_for_export(config)`. The SavedModel is written into
+    export_dir/.<version>.partial-<random> (a name TF Serving does not load) and renamed to
+    export_dir/<version> when complete; an existing export_dir/<version> is replaced only
+    then, and a failed export leaves neither a partial directory nor a changed version
+    (_move_into_place). The detector's PSRoI implementation and NMS are switched for the
+    trace and restored after; its convolutions are traced as Conv2D (no MatmulConv2D matmul form).
     Raises ExportError for a bad input type, flavour, NMS or class list.
     """
     input_type = input_type or config.export.input_type
@@ -196,24 +197,48 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
         "model": configs.to_dict(config.model),
     }
     path = os.path.join(export_dir, str(version))
-    if os.path.exists(path):
-        logging.warning("export: replacing the existing %s", path)
-        shutil.rmtree(path)
-    # Plain Conv2D in the graph (matmul_convs=False): an export may be served on a GPU or
-    # go to TFLite.
-    with detector.traced_with(psroi_impl=psroi_impl, nms_version=nms_version,
-                              matmul_convs=False):
-        with tempfile.TemporaryDirectory() as asset_dir:
-            module = DetectionModule(detector, config.eval_data, input_types,
-                                     _write_assets(asset_dir, class_names, metadata))
-            signatures = {SIGNATURE_KEY: module.functions[input_type]}
-            if extra_signatures:
-                signatures.update(module.functions)
-            tf.saved_model.save(module, path, signatures=signatures)
-    found = graph_ops.custom_ops(graph_ops.saved_model_op_types(path))
-    if psroi_impl == "portable" and found:
-        raise ExportError(f"the portable export {path} contains the custom ops {sorted(found)}")
+    # Written under a name TF Serving skips (it loads all-digit version directories only),
+    # renamed to <version> once complete, removed if anything fails before. (Created by
+    # tf.saved_model.save with the permissions of any new directory, unlike mkdtemp's 0700.)
+    partial = os.path.join(export_dir, f".{version}.partial-{uuid.uuid4().hex}")
+    try:
+        # Plain Conv2D in the graph (matmul_convs=False): an export may be served on a GPU
+        # or go to TFLite.
+        with detector.traced_with(psroi_impl=psroi_impl, nms_version=nms_version,
+                                  matmul_convs=False):
+            with tempfile.TemporaryDirectory() as asset_dir:
+                module = DetectionModule(detector, config.eval_data, input_types,
+                                         _write_assets(asset_dir, class_names, metadata))
+                signatures = {SIGNATURE_KEY: module.functions[input_type]}
+                if extra_signatures:
+                    signatures.update(module.functions)
+                tf.saved_model.save(module, partial, signatures=signatures)
+        found = graph_ops.custom_ops(graph_ops.saved_model_op_types(partial))
+        if psroi_impl == "portable" and found:
+            raise ExportError(f"the portable export {path} contains the custom ops "
+                              f"{sorted(found)}")
+        _move_into_place(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already after a complete export
     return path
+
+
+def _move_into_place(complete: str, path: str) -> None:
+    """Renames the directory `complete` to `path`. An existing `path` (an earlier export of
+    that version) is first renamed aside, then deleted once `complete` is in its place;
+    it is renamed back if that last rename fails."""
+    if not os.path.exists(path):
+        os.rename(complete, path)
+        return
+    logging.warning("export: replacing the existing %s", path)
+    previous = f"{complete}.replaced"
+    os.rename(path, previous)
+    try:
+        os.rename(complete, path)
+    except OSError:
+        os.rename(previous, path)
+        raise
+    shutil.rmtree(previous)
 
 
 def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, export_dir: str,
@@ -222,7 +247,8 @@ def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, e
                        class_names: Optional[Sequence[str]] = None,
                        nms_version: Optional[str] = None) -> str:
     """Restores a training checkpoint into a detector and exports it (export_detector);
-    version defaults to the checkpoint's step (the number in "ckpt-<step>"), else 1."""
+    version defaults to the checkpoint's step (the number in "ckpt-<step>"), else 1;
+    class_names to those the checkpoint was trained with (class_names_for_export)."""
     from rfcn_tf.training import loop  # pylint: disable=import-outside-toplevel
     psroi_impl = psroi_impl or config.export.psroi_impl
     _check_psroi_flavour(psroi_impl)
@@ -234,7 +260,9 @@ def export_saved_model(config: configs.ExperimentConfig, checkpoint_path: str, e
         suffix = checkpoint_path.rsplit("-", 1)[-1]
         version = int(suffix) if suffix.isdigit() and int(suffix) > 0 else 1
     return export_detector(detector, config, export_dir, version, input_type=input_type,
-                           psroi_impl=psroi_impl, class_names=class_names,
+                           psroi_impl=psroi_impl,
+                           class_names=class_names or class_names_for_export(config,
+                                                                             checkpoint_path),
                            nms_version=nms_version)
 
 

@@ -14,20 +14,28 @@
     and TensorBoard under model_dir/logs;
   - with `evaluate`, scores the eval split every train.eval_every_epochs
     epochs and at the end, keeps model_dir/best, and writes
-    model_dir/eval_results.json.
+    model_dir/eval_results.json;
+  - holds model_dir/train.lock (exclusive_model_dir, chief only) while it runs,
+    and records the train_data label map in model_dir/label_map.pbtxt: the
+    classes the model is trained with, which evaluation (evaluate_checkpoint)
+    and export (trained_class_names) take as the truth.
 `evaluate_checkpoint(config, checkpoint)` scores one checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
+import socket
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
+from absl import logging
 
 from rfcn_tf import configs
 from rfcn_tf.evaluation import report
@@ -44,10 +52,22 @@ LOSS_TERMS = ("rpn_score_loss", "rpn_box_loss", "rfcn_class_loss", "rfcn_box_los
 LOGGED_METRICS = ("voc07_mAP@{iou:g}", "voc_mAP@{iou:g}", "AP", "AP50", "AP75", "APs", "APm",
                   "APl")
 EVAL_RESULTS_FILE = "eval_results.json"
+CONFIG_FILE = "config.yaml"
+# The train_data label map a run trained with, in model_dir (TF OD API .pbtxt).
+LABEL_MAP_FILE = "label_map.pbtxt"
+# Held (fcntl.flock) by the training run writing model_dir; holds "pid <pid>, host <host>".
+LOCK_FILE = "train.lock"
+# What to do when the evaluation data's classes are not the model's.
+EVALUATE_ON_TRAINING_CLASSES = ("evaluate it on the data it was trained for (--config_file, "
+                                "eval_data.* overrides)")
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message says where and what to try."""
+
+
+class ModelDirInUseError(configs.ConfigError):
+    """Another process holds model_dir's training lock; the message names it."""
 
 
 class CheckpointReadError(ValueError):
@@ -107,6 +127,118 @@ def class_names_of(data_config: configs.DataConfig, num_classes: int, key: str) 
             f"model.num_classes is {num_classes} but the {key} label map has {len(names)} "
             f"classes {names}; set model.num_classes={len(names)} or {key}.class_names")
     return [name or f"class_{i}" for i, name in enumerate(names, start=1)]
+
+
+def _same_class(class_id: int, model_name: str, data_name: str) -> bool:
+    """Whether two names of class `class_id` agree; the placeholder "class_<id>" (a class
+    without a name) agrees with any name."""
+    return model_name == data_name or f"class_{class_id}" in (model_name, data_name)
+
+
+def check_same_classes(model: str, model_names: Sequence[str], data: str,
+                       data_names: Sequence[str], advice: str) -> None:
+    """Raises ConfigError "<model> N classes [...], but <data> has M classes [...]; <advice>"
+    unless both lists name classes 1..C alike: as many classes, the same name for each id
+    (the same names in another order are other class ids), a "class_<id>" placeholder
+    agreeing with any name."""
+    if len(model_names) != len(data_names) or not all(
+            _same_class(i, a, b) for i, (a, b) in enumerate(zip(model_names, data_names), 1)):
+        raise configs.ConfigError(
+            f"{model} {len(model_names)} classes {list(model_names)}, but {data} has "
+            f"{len(data_names)} classes {list(data_names)}; {advice}")
+
+
+def find_run_file(path: str, name: str) -> Optional[str]:
+    """The file `name` of the training run that `path` (a checkpoint prefix, a directory,
+    an export) belongs to: the first existing <dir>/<name> for dir = `path` if it is a
+    directory else its parent, then one and two levels up (model_dir/best/ckpt-<step>,
+    model_dir/export/<version>); None when there is none."""
+    path = os.path.abspath(path)
+    start = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
+    for directory in (start, os.path.dirname(start), os.path.dirname(os.path.dirname(start))):
+        candidate = os.path.join(directory, name)
+        if tf.io.gfile.exists(candidate):
+            return candidate
+    return None
+
+
+def _names_of_label_map(path: str) -> List[str]:
+    """Names of classes 1..C of the label map file `path` ("class_<id>" for a gap id)."""
+    from rfcn_tf.data.label_map import read_label_map  # pylint: disable=import-outside-toplevel
+    return [n or f"class_{i}" for i, n in enumerate(read_label_map(path).names, start=1)]
+
+
+def trained_class_names(config: configs.ExperimentConfig,
+                        checkpoint_path: Optional[str] = None) -> Optional[List[str]]:
+    """Names of classes 1..C that the model of `checkpoint_path` was trained with: the label
+    map its training run recorded (model_dir/label_map.pbtxt, found by find_run_file), else
+    (no checkpoint, or a run that recorded none) config.train_data's (class_names_of);
+    None, with a warning, when train_data's cannot be read (DataError, OSError: e.g. the
+    training data are not on this machine). Raises ConfigError (class_names_of) when
+    train_data's label map does not have model.num_classes classes."""
+    from rfcn_tf.data.records import DataError  # pylint: disable=import-outside-toplevel
+    recorded = checkpoint_path and find_run_file(checkpoint_path, LABEL_MAP_FILE)
+    if recorded:
+        return _names_of_label_map(recorded)
+    try:
+        return class_names_of(config.train_data, config.model.num_classes, "train_data")
+    except (DataError, OSError) as error:
+        logging.warning("the classes the model was trained with are unknown: no %s beside "
+                        "%s and no train_data label map (%s)", LABEL_MAP_FILE, checkpoint_path,
+                        error)
+        return None
+
+
+def _record_class_names(class_names: Sequence[str], model_dir: str) -> None:
+    """Writes model_dir/label_map.pbtxt (the classes trained) so that no reader sees a
+    partial file."""
+    from rfcn_tf.data.label_map import LabelMap  # pylint: disable=import-outside-toplevel
+    path = os.path.join(model_dir, LABEL_MAP_FILE)
+    temporary = LabelMap.from_names(class_names).write(f"{path}.tmp-{os.getpid()}")
+    os.replace(temporary, path)
+
+
+def _check_training_classes(config: configs.ExperimentConfig, model_dir: str,
+                            evaluate: bool) -> List[str]:
+    """The train_data class names (class_names_of); raises ConfigError when model_dir
+    recorded other classes (a run of other classes), or, with `evaluate`, when the
+    eval_data label map differs from train_data's (check_same_classes)."""
+    names = class_names_of(config.train_data, config.model.num_classes, "train_data")
+    recorded = os.path.join(model_dir, LABEL_MAP_FILE)
+    if tf.io.gfile.exists(recorded):
+        check_same_classes(f"model_dir {model_dir} was trained with",
+                           _names_of_label_map(recorded), "the train_data label map", names,
+                           f"use a new --model_dir or train_data of the classes in {recorded}")
+    if evaluate:
+        check_same_classes(
+            "the train_data label map has", names, "the eval_data label map",
+            class_names_of(config.eval_data, config.model.num_classes, "eval_data"),
+            "class ids must mean the same classes in both: give eval_data the training "
+            "classes in the same order (eval_data.class_names or eval_data.label_map)")
+    return names
+
+
+@contextlib.contextmanager
+def exclusive_model_dir(model_dir: str) -> Iterator[None]:
+    """Runs the body holding an exclusive fcntl.flock on model_dir/train.lock (created if
+    missing, "pid <pid>, host <host>" written into it). The kernel releases the lock when
+    the file is closed at the end of the body or the process ends however it ends (kill -9
+    included), so a lock file left behind never blocks. Raises ModelDirInUseError naming
+    the holder that the file records when another open file (another process) holds it."""
+    path = os.path.join(model_dir, LOCK_FILE)
+    with open(path, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "holder unknown"
+            raise ModelDirInUseError(
+                f"model_dir {model_dir} is in use by another training run ({holder}; lock "
+                f"{path}); wait for it to end or use another --model_dir") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}, host {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 def logged_metric_names(iou_threshold: float) -> List[str]:
@@ -215,7 +347,7 @@ def _save_config_atomically(config: configs.ExperimentConfig, path: str) -> None
 
 def _check_model_config(config: configs.ExperimentConfig, model_dir: str) -> None:
     """Refuses to continue a model_dir whose saved config has a different model section."""
-    path = os.path.join(model_dir, "config.yaml")
+    path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return
     saved = configs.load_config(path)
@@ -237,6 +369,10 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
 
     extra_callbacks run after the built-in ones; their `model` is the
     DetectionTrainer (`model.detector` is the R-FCN model).
+    Raises ModelDirInUseError when another training run holds model_dir (the chief
+    holds the lock; the other workers of a multi-worker run share model_dir with it),
+    ConfigError when model_dir holds a run of another model or other classes, or when
+    `evaluate` and the eval_data label map is not train_data's (_check_training_classes).
     """
     started = time.time()
     train = config.train
@@ -245,9 +381,17 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     strategy = distribution.build_strategy(train.distribution)
     chief = distribution.is_chief(strategy)
     tf.io.gfile.makedirs(model_dir)
-    _check_model_config(config, model_dir)
+    with exclusive_model_dir(model_dir) if chief else contextlib.nullcontext():
+        return _train(config, model_dir, evaluate, extra_callbacks, strategy, chief, started)
 
-    class_names_of(config.train_data, config.model.num_classes, "train_data")
+
+def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
+           extra_callbacks: Sequence[tf_keras.callbacks.Callback],
+           strategy: tf.distribute.Strategy, chief: bool, started: float) -> TrainingSummary:
+    """The body of run_training, once the strategy is built and model_dir held."""
+    train = config.train
+    _check_model_config(config, model_dir)
+    class_names = _check_training_classes(config, model_dir, evaluate)
     total_epochs = train.steps // train.steps_per_epoch
     with strategy.scope():
         detector = _build_model(config.model)
@@ -270,7 +414,8 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
             raise _unreadable(unfinished, e, "delete model_dir/backup to continue from the "
                                              "latest ckpt-<step> instead") from e
     if chief:  # after the checks: a refused run leaves model_dir's config.yaml as it was
-        _save_config_atomically(config, os.path.join(model_dir, "config.yaml"))
+        _save_config_atomically(config, os.path.join(model_dir, CONFIG_FILE))
+        _record_class_names(class_names, model_dir)
     start_step = int(optimizer.iterations.numpy())
     trainer._train_counter.assign(start_step)  # TensorBoard's batch step continues too.
     initial_epoch = start_step // train.steps_per_epoch
@@ -337,7 +482,8 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
             eval_path = report.write_eval_results(
                 eval_results, os.path.join(model_dir, EVAL_RESULTS_FILE))
     latest = tf.train.latest_checkpoint(model_dir)
-    candidates = [os.path.join(model_dir, "config.yaml"), os.path.join(model_dir, "best"),
+    candidates = [os.path.join(model_dir, CONFIG_FILE), os.path.join(model_dir, LABEL_MAP_FILE),
+                  os.path.join(model_dir, "best"),
                   os.path.join(model_dir, "logs"),
                   os.path.join(model_dir, callbacks_lib.TRAIN_LOG_FILE), eval_path]
     written = ([latest] if latest else []) + [p for p in candidates
@@ -386,13 +532,21 @@ def evaluate_checkpoint(config: configs.ExperimentConfig, checkpoint_path: str,
                         keep_detections: bool = False, report_losses: bool = True,
                         show_progress: bool = True,
                         unreadable_advice: str = OTHER_CHECKPOINT_ADVICE) -> eval_loop.EvalOutput:
-    """Scores the detector of `checkpoint_path` on config.eval_data (restore_detector)."""
+    """Scores the detector of `checkpoint_path` on config.eval_data (restore_detector).
+
+    Raises ConfigError first when the eval_data label map is not the one the checkpoint
+    was trained with (trained_class_names, check_same_classes; unchecked, with a
+    warning, when that is unknown).
+    """
+    class_names = class_names_of(config.eval_data, config.model.num_classes, "eval_data")
+    trained = trained_class_names(config, checkpoint_path)
+    if trained is not None:
+        check_same_classes(f"checkpoint {checkpoint_path} was trained with", trained,
+                           "the eval_data label map", class_names, EVALUATE_ON_TRAINING_CLASSES)
     detector = restore_detector(config.model, checkpoint_path, unreadable_advice)
     trainer = DetectionTrainer(detector, LOSS_TERMS, config.train.optimizer.weight_decay,
                                sampling_seed=config.train.seed)
-    metrics = eval_loop.build_metrics(config.eval.metrics,
-                                      class_names_of(config.eval_data, config.model.num_classes,
-                                                     "eval_data"),
+    metrics = eval_loop.build_metrics(config.eval.metrics, class_names,
                                       config.eval.iou_threshold,
                                       config.model.detection.max_detections)
     dataset = _build_dataset(config.eval_data, config.eval.batch_size)
