@@ -372,3 +372,21 @@ def test_export_command_reports_a_missing_checkpoint(tmp_path):
                            f"--config_file={tmp_path / 'nope.yaml'}", f"--export_dir={tmp_path}")
     assert result.returncode == 1
     assert "rfcn_tf.export: error:" in result.stderr and "not found" in result.stderr
+
+
+def test_export_command_reports_an_unwritable_export_dir(tmp_path):
+    # --export_dir under a regular file: one line naming the path, no traceback.
+    config, detector = ef.trained()
+    prefix = tf.train.Checkpoint(model=detector).save(str(tmp_path / "ckpt"))
+    from rfcn_tf import configs  # pylint: disable=import-outside-toplevel
+    configs.save_config(config, str(tmp_path / "config.yaml"))
+    (tmp_path / "a_file").write_text("not a directory")
+    export_dir = tmp_path / "a_file" / "export"
+    result = ef.run_module("rfcn_tf.export", f"--checkpoint={prefix}",
+                           f"--config_file={tmp_path / 'config.yaml'}",
+                           f"--export_dir={export_dir}")
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    assert (f"rfcn_tf.export: error: cannot write to {export_dir}: " in result.stderr
+            and "not a directory" in result.stderr
+            and "once that is fixed, run the command again" in result.stderr), result.stderr[-2000:]

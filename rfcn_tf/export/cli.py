@@ -11,21 +11,22 @@ writes export_dir/<version>/ (see rfcn_tf.export.saved_model; written whole or n
 all). Its classes are those the checkpoint was trained with: the training run's
 model_dir/label_map.pbtxt (found beside the checkpoint or one or two levels up), else the
 config's train_data label map; never eval_data's. Exit status 1 with a one-line error for
-a bad config, checkpoint or option.
+a bad config, checkpoint or option, or a failure to write into export_dir (a full disk, no
+permission, a parent that is a file).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import rfcn_tf  # noqa: F401  (tf.keras -> tf_keras before TensorFlow loads)
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import app, flags
 
 from rfcn_tf import configs
 from rfcn_tf.export import inputs as inputs_lib
 from rfcn_tf.export import saved_model
+from rfcn_tf.training import cli_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Training directory (its config.yaml and checkpoints).")
@@ -73,16 +74,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _check_usage(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.config_file, FLAGS.export_dir)
-    try:
+    export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
+    errors = (configs.ConfigError, saved_model.ExportError, FileNotFoundError, ValueError)
+    with cli_errors.exit_on_user_error("rfcn_tf.export", errors, export_dir,
+                                       "once that is fixed, run the command again"):
         config_file, checkpoint = _resolve(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.config_file)
         config = configs.load_config(config_file, FLAGS.params_override)
-        export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
         path = saved_model.export_saved_model(
             config, checkpoint, export_dir, FLAGS.version, input_type=FLAGS.input_type,
             psroi_impl=FLAGS.psroi_impl, nms_version=FLAGS.nms_version)
-    except (configs.ConfigError, saved_model.ExportError, FileNotFoundError, ValueError) as e:
-        logging.error("%s", e)
-        sys.exit(f"rfcn_tf.export: error: {e}")
     meta = saved_model.read_metadata(path)
     print(f"\nWrote SavedModel {path} from {checkpoint}")
     print(f"  signatures: {', '.join(f'{k} ({v})' for k, v in meta['signatures'].items())}; "
