@@ -83,7 +83,8 @@ _UNREADABLE_CHECKPOINT_ERRORS = (tf.errors.OpError, IndexError)
 
 @dataclasses.dataclass
 class TrainingSummary:
-    """What a training job did and wrote."""
+    """What a training job did and wrote; `best` is best/best_metric.json's record as the
+    run's BestCheckpoint left it (None without evaluation)."""
 
     model_dir: str
     start_step: int
@@ -491,7 +492,7 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
     return TrainingSummary(
         model_dir=model_dir, start_step=start_step, final_step=int(optimizer.iterations.numpy()),
         seconds=time.time() - started, latest_checkpoint=latest, final_logs=final_logs,
-        best=callbacks_lib.read_best_metric(model_dir), eval_results=eval_results,
+        best=best_cb.best if best_cb is not None else None, eval_results=eval_results,
         eval_results_path=eval_path, written=written)
 
 
