@@ -388,5 +388,5 @@ def test_export_command_reports_an_unwritable_export_dir(tmp_path):
     assert result.returncode == 1, result.stderr[-4000:]
     assert "Traceback" not in result.stderr
     assert (f"rfcn_tf.export: error: cannot write to {export_dir}: " in result.stderr
-            and "not a directory" in result.stderr
+            and "not a directory" in result.stderr.lower()
             and "once that is fixed, run the command again" in result.stderr), result.stderr[-2000:]

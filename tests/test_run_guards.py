@@ -2,6 +2,7 @@
 the classes the model was trained with (model_dir/label_map.pbtxt) as the truth that
 train_and_eval, evaluation and export hold the data to."""
 
+import errno
 import fcntl
 import os
 import signal
@@ -156,3 +157,51 @@ def test_the_lock_ends_with_its_holder_even_when_killed(tmp_path):
         with loop.exclusive_model_dir(model_dir):
             with open(os.path.join(model_dir, "train.lock"), encoding="utf-8") as f:
                 assert f.read() == f"pid {os.getpid()}, host {socket.gethostname()}\n"
+
+
+def test_class_names_agree_whatever_the_whitespace_around_them():
+    # A label map's "RBC " is recorded stripped ("RBC"): the run must still match it.
+    loop.check_same_classes("model", ["RBC ", " WBC"], "data", ["RBC", "WBC"], "advice")
+    with pytest.raises(configs.ConfigError, match=r"model 2 classes \['RBC', 'WBC'\], but "
+                       r"data has 2 classes \['WBC', 'RBC'\]; advice"):
+        loop.check_same_classes("model", ["RBC", "WBC"], "data", ["WBC", "RBC"], "advice")
+
+
+def test_only_the_label_map_beside_the_run_config_is_the_trained_one(data_dir, tmp_path):
+    """A dataset's label_map.pbtxt above a checkpoint is not the run's record: without one
+    beside the run's config.yaml the classes come from train_data."""
+    config = _config(data_dir)
+    run_dir = tmp_path / "runs" / "run"
+    run_dir.mkdir(parents=True)
+    configs.save_config(config, str(run_dir / "config.yaml"))
+    (tmp_path / "runs" / "label_map.pbtxt").write_text(
+        "item { id: 1 name: 'x' }\nitem { id: 2 name: 'y' }\nitem { id: 3 name: 'z' }\n")
+    checkpoint = str(run_dir / "ckpt-1")
+    assert loop.trained_class_names(config, checkpoint) == list(DEFAULT_CLASSES)
+    (run_dir / "label_map.pbtxt").write_text(
+        "".join(f"item {{ id: {i} name: '{n}' }}\n" for i, n in enumerate(REORDERED, 1)))
+    assert loop.trained_class_names(config, checkpoint) == REORDERED
+
+
+def test_a_file_system_without_flock_trains_unlocked_with_a_warning(monkeypatch, tmp_path,
+                                                                     caplog):
+    def unsupported(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(loop.fcntl, "flock", unsupported)
+    ran = []
+    with caplog.at_level("WARNING"):
+        with loop.exclusive_model_dir(str(tmp_path)):
+            ran.append(True)
+    assert ran
+    assert any("does not support flock (No locks available)" in r.getMessage()
+               for r in caplog.records)
+
+    def broken(file, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(loop.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        with loop.exclusive_model_dir(str(tmp_path)):
+            ran.append(False)
+    assert ran == [True]

@@ -300,3 +300,6 @@ def test_a_truncated_best_metric_file_is_refused_in_one_line(tmp_path):
                            "Expecting value: line 1 column 1 (char 0)); delete it to "
                            "continue"), last
     assert not read_train_log(str(model_dir))
+    # Refused before anything is written: no config.yaml or label map of this run.
+    assert not (model_dir / "config.yaml").exists()
+    assert not (model_dir / "label_map.pbtxt").exists()

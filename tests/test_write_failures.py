@@ -51,6 +51,19 @@ OOM = ("OOM when allocating tensor with shape[2,64,128,128] and type float on "
                  id="not_a_file_error"),
     pytest.param(tf.errors.PermissionDeniedError(None, None, "/; Permission denied"),
                  MODEL_DIR, None, id="the_root"),
+    # With model_dir "." every relative word would resolve inside it: only a message with
+    # a write's OS reason and a path counts.
+    pytest.param(tf.errors.ResourceExhaustedError(None, None, OOM), ".", None,
+                 id="gpu_out_of_memory_model_dir_is_cwd"),
+    pytest.param(tf.errors.FailedPreconditionError(None, None, "Could not find variable "
+                                                   "conv/kernel"), ".", None,
+                 id="not_a_file_error_model_dir_is_cwd"),
+    pytest.param(tf.errors.FailedPreconditionError(None, None, "runs is not a directory"),
+                 "runs/md", "runs is not a directory", id="relative_parent_is_a_file"),
+    pytest.param(tf.errors.FailedPreconditionError(None, None, "conv is not a directory"),
+                 "runs/md", None, id="word_that_is_no_part_of_model_dir"),
+    pytest.param(OSError(errno.EBADF, "Bad file descriptor", 987), MODEL_DIR, None,
+                 id="file_descriptor"),
 ])
 def test_write_failure(error, directory, expected):
     assert cli_errors.write_failure(error, directory) == expected

@@ -201,12 +201,14 @@ def export_detector(detector, config: configs.ExperimentConfig, export_dir: str,
     # renamed to <version> once complete, removed if anything fails before. (Created by
     # tf.saved_model.save with the permissions of any new directory, unlike mkdtemp's 0700.)
     partial = os.path.join(export_dir, f".{version}.partial-{uuid.uuid4().hex}")
+    os.makedirs(export_dir, exist_ok=True)
     try:
         # Plain Conv2D in the graph (matmul_convs=False): an export may be served on a GPU
         # or go to TFLite.
         with detector.traced_with(psroi_impl=psroi_impl, nms_version=nms_version,
                                   matmul_convs=False):
-            with tempfile.TemporaryDirectory() as asset_dir:
+            # The assets are staged in export_dir too: a full disk there is the one to free.
+            with tempfile.TemporaryDirectory(dir=export_dir, prefix=".assets-") as asset_dir:
                 module = DetectionModule(detector, config.eval_data, input_types,
                                          _write_assets(asset_dir, class_names, metadata))
                 signatures = {SIGNATURE_KEY: module.functions[input_type]}

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -77,19 +78,38 @@ def _stop_diverged(model: tf_keras.Model, cause: str) -> None:
     model.stop_training = True
 
 
-@tf.function
-def _finite_flags(variables) -> tf.Tensor:
-    """bool [len(variables)]: whether each variable holds finite values only (one graph)."""
-    return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+class _FiniteCheck:
+    """The finiteness check of one model's floating-point variables: one tf.function over
+    them (closing over that list, so it dies with the model), rebuilt when the list grows
+    (optimizer slots are made at the first update), and the last global step found finite
+    (the callbacks of one epoch end then share one check)."""
+
+    def __init__(self, variables):
+        self.variables = variables
+        self.flags = tf.function(
+            lambda: tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+        self.finite_step = None
+
+
+_finite_checks = weakref.WeakKeyDictionary()  # model -> _FiniteCheck
 
 
 def non_finite_variables(model: tf_keras.Model) -> Tuple[List[str], int]:
     """(names, checked): the names of the floating-point variables of `model` (weights,
     batch-norm statistics, loss trackers) and of its optimizer (momentum slots)
-    that hold a NaN or an infinity, and how many variables were checked."""
+    that hold a NaN or an infinity, and how many variables were checked. A step already
+    found finite is not checked again."""
     variables = [v for v in list(model.variables) + list(model.optimizer.variables)
                  if v.dtype.is_floating]
-    finite = _finite_flags(variables).numpy()
+    check = _finite_checks.get(model)
+    if check is None or len(check.variables) != len(variables):
+        check = _finite_checks[model] = _FiniteCheck(variables)
+    step = global_step(model)
+    if check.finite_step == step:
+        return [], len(variables)
+    finite = check.flags().numpy()
+    if finite.all():
+        check.finite_step = step
     return [v.name for v, ok in zip(variables, finite) if not ok], len(variables)
 
 
@@ -215,17 +235,23 @@ class BestCheckpoint(tf_keras.callbacks.Callback):
         self.best = {"metric": self.metric, "value": float(value), "step": step,
                      "checkpoint": path}
         if self._is_chief:
-            _write_atomically(os.path.join(self.directory, BEST_METRIC_FILE),
-                              json.dumps(self.best, indent=2))
+            text = json.dumps(self.best, indent=2)
+            write_atomically(os.path.join(self.directory, BEST_METRIC_FILE),
+                             lambda temporary: _write_text(temporary, text))
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Writes `text` to a temporary file next to `path` and renames it over `path`, so
-    that `path` holds either its old or its new contents, whenever the write stops."""
+def write_atomically(path: str, write: Callable[[str], object]) -> None:
+    """Calls write(temporary) to write a temporary file next to `path`, then renames it
+    over `path`, so that `path` holds either its old or its new contents whenever the
+    write stops, and no reader sees a partial file."""
     temporary = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        f.write(text)
+    write(temporary)
     tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def _write_text(path: str, text: str) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(text)
 
 
 def read_best_metric(model_dir: str) -> Optional[dict]:

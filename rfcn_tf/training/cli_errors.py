@@ -36,6 +36,13 @@ WRITE_ERRORS: Tuple[Type[BaseException], ...] = (
 # without naming the file).
 _FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
+# The OS reasons a TensorFlow file-system error names (strerror of the errno, or
+# TensorFlow's own "is not a directory") when a write fails; a message without one (a
+# GPU out-of-memory, "Could not find variable a/b") is no write failure.
+_WRITE_REASONS = tuple(os.strerror(code) for code in (
+    errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+    errno.EISDIR, errno.EXDEV)) + ("is not a directory",)
+
 
 def _near(path: str, directory: str) -> bool:
     """Whether `path` is `directory`, a path inside it, or a parent directory of it other
@@ -52,13 +59,17 @@ def write_failure(error: BaseException, directory: str) -> Optional[str]:
     That is an OSError whose filename is `directory`, a path inside it or a parent
     directory of it (_near): "<filename>: <OS reason>"; an OSError without a filename
     whose errno is a full disk or quota: "<OS reason>"; or a TensorFlow error of
-    WRITE_ERRORS whose message holds such a path (a run of characters without whitespace,
-    ';' or quotes, so a path with whitespace is not recognised): its error_line,
-    "<path>; <OS reason>" or "<path> is not a directory". A GPU out-of-memory
-    ResourceExhaustedError, or a failure on a file elsewhere, is not one.
+    WRITE_ERRORS whose message names a write's OS reason (_WRITE_REASONS) and holds such a
+    path (a run of characters without whitespace, ';' or quotes that has a path
+    separator or is a leading part of `directory` as given; a path with whitespace is
+    not recognised): its error_line, "<path>; <OS
+    reason>" or "<path> is not a directory". A GPU out-of-memory ResourceExhaustedError,
+    or a failure on a file elsewhere, is not one. With `directory` "." (or a parent of
+    the working directory) a failure on any file below it counts.
     """
     if isinstance(error, OSError):
-        paths = [os.fsdecode(p) for p in (error.filename, error.filename2) if p is not None]
+        paths = [os.fsdecode(p) for p in (error.filename, error.filename2)
+                 if isinstance(p, (str, bytes, os.PathLike))]  # not a file descriptor
         near = [p for p in paths if _near(p, directory)]
         if near:
             return f"{near[0]}: {error.strerror or error}"
@@ -67,7 +78,13 @@ def write_failure(error: BaseException, directory: str) -> Optional[str]:
         return None
     if isinstance(error, WRITE_ERRORS):
         line = error_line(error)
-        if any(_near(token, directory) for token in re.findall(r"[^\s;'\"]+", line)):
+        parts = os.path.normpath(directory).split(os.sep)
+        # Leading parts of `directory` as given: "runs is not a directory" for runs/md.
+        leading = {os.sep.join(parts[:i]) for i in range(1, len(parts) + 1)}
+        paths = [token for token in (t.rstrip(":,)") for t in re.findall(r"[^\s;'\"]+", line))
+                 if os.sep in token or token in leading]
+        if any(reason in line for reason in _WRITE_REASONS) and any(
+                _near(path, directory) for path in paths):
             return line
     return None
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import re
@@ -57,6 +58,9 @@ CONFIG_FILE = "config.yaml"
 LABEL_MAP_FILE = "label_map.pbtxt"
 # Held (fcntl.flock) by the training run writing model_dir; holds "pid <pid>, host <host>".
 LOCK_FILE = "train.lock"
+# flock's errnos on file systems without it (Lustre with noflock, NFS without a lock
+# daemon, some FUSE and SMB mounts): training then runs unlocked, with a warning.
+_FLOCK_UNSUPPORTED = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP)
 # What to do when the evaluation data's classes are not the model's.
 EVALUATE_ON_TRAINING_CLASSES = ("evaluate it on the data it was trained for (--config_file, "
                                 "eval_data.* overrides)")
@@ -131,8 +135,10 @@ def class_names_of(data_config: configs.DataConfig, num_classes: int, key: str) 
 
 
 def _same_class(class_id: int, model_name: str, data_name: str) -> bool:
-    """Whether two names of class `class_id` agree; the placeholder "class_<id>" (a class
+    """Whether two names of class `class_id` agree, whitespace around them ignored (a
+    recorded label map holds the names stripped); the placeholder "class_<id>" (a class
     without a name) agrees with any name."""
+    model_name, data_name = model_name.strip(), data_name.strip()
     return model_name == data_name or f"class_{class_id}" in (model_name, data_name)
 
 
@@ -172,14 +178,16 @@ def _names_of_label_map(path: str) -> List[str]:
 def trained_class_names(config: configs.ExperimentConfig,
                         checkpoint_path: Optional[str] = None) -> Optional[List[str]]:
     """Names of classes 1..C that the model of `checkpoint_path` was trained with: the label
-    map its training run recorded (model_dir/label_map.pbtxt, found by find_run_file), else
+    map its training run recorded (label_map.pbtxt beside the run's config.yaml, found by
+    find_run_file; a dataset's label_map.pbtxt elsewhere does not count), else
     (no checkpoint, or a run that recorded none) config.train_data's (class_names_of);
     None, with a warning, when train_data's cannot be read (DataError, OSError: e.g. the
     training data are not on this machine). Raises ConfigError (class_names_of) when
     train_data's label map does not have model.num_classes classes."""
     from rfcn_tf.data.records import DataError  # pylint: disable=import-outside-toplevel
-    recorded = checkpoint_path and find_run_file(checkpoint_path, LABEL_MAP_FILE)
-    if recorded:
+    run_config = checkpoint_path and find_run_file(checkpoint_path, CONFIG_FILE)
+    recorded = run_config and os.path.join(os.path.dirname(run_config), LABEL_MAP_FILE)
+    if recorded and tf.io.gfile.exists(recorded):
         return _names_of_label_map(recorded)
     try:
         return class_names_of(config.train_data, config.model.num_classes, "train_data")
@@ -191,12 +199,10 @@ def trained_class_names(config: configs.ExperimentConfig,
 
 
 def _record_class_names(class_names: Sequence[str], model_dir: str) -> None:
-    """Writes model_dir/label_map.pbtxt (the classes trained) so that no reader sees a
-    partial file."""
+    """Writes model_dir/label_map.pbtxt (the classes trained), atomically."""
     from rfcn_tf.data.label_map import LabelMap  # pylint: disable=import-outside-toplevel
-    path = os.path.join(model_dir, LABEL_MAP_FILE)
-    temporary = LabelMap.from_names(class_names).write(f"{path}.tmp-{os.getpid()}")
-    os.replace(temporary, path)
+    callbacks_lib.write_atomically(os.path.join(model_dir, LABEL_MAP_FILE),
+                                   LabelMap.from_names(class_names).write)
 
 
 def _check_training_classes(config: configs.ExperimentConfig, model_dir: str,
@@ -225,12 +231,22 @@ def exclusive_model_dir(model_dir: str) -> Iterator[None]:
     missing, "pid <pid>, host <host>" written into it). The kernel releases the lock when
     the file is closed at the end of the body or the process ends however it ends (kill -9
     included), so a lock file left behind never blocks. Raises ModelDirInUseError naming
-    the holder that the file records when another open file (another process) holds it."""
+    the holder that the file records when another open file (another process) holds it.
+    On a file system without flock (_FLOCK_UNSUPPORTED) the body runs unlocked, with a
+    warning."""
     path = os.path.join(model_dir, LOCK_FILE)
     with open(path, "a+", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as error:
+            if error.errno in _FLOCK_UNSUPPORTED:
+                logging.warning("model_dir %s: its file system does not support flock (%s); "
+                                "training without the lock that keeps a second run out",
+                                model_dir, error.strerror)
+                yield
+                return
+            if not isinstance(error, BlockingIOError):
+                raise
             lock.seek(0)
             holder = lock.read().strip() or "holder unknown"
             raise ModelDirInUseError(
@@ -341,9 +357,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[
 
 def _save_config_atomically(config: configs.ExperimentConfig, path: str) -> None:
     """Writes config.yaml so that other workers reading it never see a partial file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    configs.save_config(config, temporary)
-    os.replace(temporary, path)
+    callbacks_lib.write_atomically(path, lambda temporary: configs.save_config(config,
+                                                                               temporary))
 
 
 def _check_model_config(config: configs.ExperimentConfig, model_dir: str) -> None:
@@ -393,6 +408,8 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
     train = config.train
     _check_model_config(config, model_dir)
     class_names = _check_training_classes(config, model_dir, evaluate)
+    if evaluate:  # a damaged best/best_metric.json is refused before anything is written
+        callbacks_lib.read_best_metric(model_dir)
     total_epochs = train.steps // train.steps_per_epoch
     with strategy.scope():
         detector = _build_model(config.model)
