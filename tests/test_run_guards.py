@@ -14,6 +14,7 @@ import pytest
 
 from rfcn_tf import configs
 from rfcn_tf.data.label_map import read_label_map
+from rfcn_tf.data.records import DataError
 from rfcn_tf.data.synthetic import DEFAULT_CLASSES
 from rfcn_tf.export import saved_model
 from rfcn_tf.training import loop
@@ -51,6 +52,27 @@ def _reordered(split, reordered_dir):
 
 
 # ------------------------------------------------------------------ classes ----
+
+
+def test_train_and_eval_with_no_usable_eval_images_writes_nothing(data_dir, tmp_path):
+    """Eval data whose images are all missing is refused before anything is written."""
+    voc = tmp_path / "voc"
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "ImageSets/Main/test.txt").write_text("a\n")
+    (voc / "Annotations/a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>64</width><height>64</height>"
+        "</size><object><name>ellipse</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    model_dir = tmp_path / "run"
+    config = _config(data_dir, f"eval_data.format=voc,eval_data.path={voc},"
+                               f"eval_data.split=test,eval_data.class_names=["
+                               f"{', '.join(DEFAULT_CLASSES)}]")
+    with pytest.raises(DataError, match="no usable images"):
+        loop.run_training(config, str(model_dir), evaluate=True)
+    assert not (model_dir / "config.yaml").exists()
+    assert not (model_dir / "label_map.pbtxt").exists()
+
 
 
 def test_train_and_eval_with_eval_data_of_other_classes_is_refused(data_dir, reordered_dir,

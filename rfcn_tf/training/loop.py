@@ -431,6 +431,8 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
         except _UNREADABLE_CHECKPOINT_ERRORS as e:
             raise _unreadable(unfinished, e, "delete model_dir/backup to continue from the "
                                              "latest ckpt-<step> instead") from e
+    # Built before anything is written: eval data without usable images is refused here.
+    evaluator = make_evaluator(config, trainer) if evaluate else None
     if chief:  # after the checks: a refused run leaves model_dir's config.yaml as it was
         _save_config_atomically(config, os.path.join(model_dir, CONFIG_FILE))
         _record_class_names(class_names, model_dir)
@@ -448,9 +450,8 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
 
     latest_cb = callbacks_lib.LatestCheckpoint(checkpoint, model_dir,
                                                train.max_checkpoints_to_keep, strategy)
-    eval_cb, evaluator, best_cb = None, None, None
+    eval_cb, best_cb = None, None
     if evaluate:
-        evaluator = make_evaluator(config, trainer)
         eval_cb = callbacks_lib.PeriodicEvaluation(
             evaluator, train.eval_every_epochs,
             os.path.join(model_dir, "logs"), logged_metric_names(config.eval.iou_threshold),
