@@ -32,7 +32,7 @@ import os
 import re
 import socket
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tf_keras
@@ -206,23 +206,25 @@ def _record_class_names(class_names: Sequence[str], model_dir: str) -> None:
 
 
 def _check_training_classes(config: configs.ExperimentConfig, model_dir: str,
-                            evaluate: bool) -> List[str]:
-    """The train_data class names (class_names_of); raises ConfigError when model_dir
-    recorded other classes (a run of other classes), or, with `evaluate`, when the
-    eval_data label map differs from train_data's (check_same_classes)."""
+                            evaluate: bool) -> Tuple[List[str], Optional[List[str]]]:
+    """The train_data and (with `evaluate`, else None) eval_data class names
+    (class_names_of); raises ConfigError when model_dir recorded other classes (a run of
+    other classes), or, with `evaluate`, when the eval_data label map differs from
+    train_data's (check_same_classes)."""
     names = class_names_of(config.train_data, config.model.num_classes, "train_data")
     recorded = os.path.join(model_dir, LABEL_MAP_FILE)
     if tf.io.gfile.exists(recorded):
         check_same_classes(f"model_dir {model_dir} was trained with",
                            _names_of_label_map(recorded), "the train_data label map", names,
                            f"use a new --model_dir or train_data of the classes in {recorded}")
-    if evaluate:
-        check_same_classes(
-            "the train_data label map has", names, "the eval_data label map",
-            class_names_of(config.eval_data, config.model.num_classes, "eval_data"),
-            "class ids must mean the same classes in both: give eval_data the training "
-            "classes in the same order (eval_data.class_names or eval_data.label_map)")
-    return names
+    if not evaluate:
+        return names, None
+    eval_names = class_names_of(config.eval_data, config.model.num_classes, "eval_data")
+    check_same_classes(
+        "the train_data label map has", names, "the eval_data label map", eval_names,
+        "class ids must mean the same classes in both: give eval_data the training "
+        "classes in the same order (eval_data.class_names or eval_data.label_map)")
+    return names, eval_names
 
 
 @contextlib.contextmanager
@@ -271,8 +273,12 @@ def evaluation_function(trainer: DetectionTrainer, element_spec, report_losses: 
 
 
 def make_evaluator(config: configs.ExperimentConfig, trainer: DetectionTrainer,
-                   report_losses: bool = True):
+                   report_losses: bool = True,
+                   class_names: Optional[Sequence[str]] = None):
     """A no-argument function running one evaluation of `trainer`'s detector.
+
+    class_names: the names of classes 1..C in the metrics; None reads them from the
+    eval_data label map (class_names_of).
 
     Returns (EvalOutput.results, EvalOutput.samples). It runs on the local
     device, outside the strategy's replicas (in `Model.fit`'s callbacks, in
@@ -282,9 +288,9 @@ def make_evaluator(config: configs.ExperimentConfig, trainer: DetectionTrainer,
     eval_config = config.eval
     dataset = _build_dataset(config.eval_data, eval_config.batch_size)
     detect = evaluation_function(trainer, dataset.element_spec, report_losses)
-    metrics = eval_loop.build_metrics(eval_config.metrics,
-                                      class_names_of(config.eval_data, config.model.num_classes,
-                                                     "eval_data"),
+    if class_names is None:
+        class_names = class_names_of(config.eval_data, config.model.num_classes, "eval_data")
+    metrics = eval_loop.build_metrics(eval_config.metrics, class_names,
                                       eval_config.iou_threshold,
                                       config.model.detection.max_detections)
 
@@ -407,7 +413,7 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
     """The body of run_training, once the strategy is built and model_dir held."""
     train = config.train
     _check_model_config(config, model_dir)
-    class_names = _check_training_classes(config, model_dir, evaluate)
+    class_names, eval_class_names = _check_training_classes(config, model_dir, evaluate)
     if evaluate:  # a damaged best/best_metric.json is refused before anything is written
         callbacks_lib.read_best_metric(model_dir)
     total_epochs = train.steps // train.steps_per_epoch
@@ -432,7 +438,8 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
             raise _unreadable(unfinished, e, "delete model_dir/backup to continue from the "
                                              "latest ckpt-<step> instead") from e
     # Built before anything is written: eval data without usable images is refused here.
-    evaluator = make_evaluator(config, trainer) if evaluate else None
+    evaluator = (make_evaluator(config, trainer, class_names=eval_class_names) if evaluate
+                 else None)
     if chief:  # after the checks: a refused run leaves model_dir's config.yaml as it was
         _save_config_atomically(config, os.path.join(model_dir, CONFIG_FILE))
         _record_class_names(class_names, model_dir)
