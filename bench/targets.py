@@ -73,17 +73,11 @@ def main(argv):
 
     @tf.function
     def label(gt_boxes, gt_classes, gt_valid):
-        anchor_targets = rpn_targets.label_anchors(
-            anchors, gt_boxes, gt_valid, foreground_iou=model.rpn.foreground_iou,
-            background_iou=model.rpn.background_iou,
-            batch_size_per_image=model.rpn.batch_size_per_image,
-            positive_fraction=model.rpn.positive_fraction, seed=seed)
-        targets = roi_targets.label_rois(
+        anchor_targets = rpn_targets.label_anchors_as_configured(
+            anchors, gt_boxes, gt_valid, model.rpn, seed=seed)
+        targets = roi_targets.label_rois_as_configured(
             proposals, rpn.valid_boxes(proposals), gt_boxes, gt_classes, gt_valid,
-            foreground_iou=model.roi_sampler.foreground_iou,
-            background_iou_high=model.roi_sampler.background_iou_high,
-            background_iou_low=model.roi_sampler.background_iou_low,
-            box_stds=model.roi_sampler.box_stds)
+            model.roi_sampler)
         return anchor_targets["score_targets"], targets["labels"]
 
     cases = {f"padded (M={max_boxes})": (boxes, classes, valid),

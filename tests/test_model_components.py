@@ -18,6 +18,7 @@ import tf_keras
 
 from official.vision.modeling.layers import detection_generator
 from official.vision.ops import anchor as official_anchor
+from rfcn_tf import configs
 from rfcn_tf.modeling import anchors, detection, matmul_conv, rfcn_head, roi_targets, rpn
 from rfcn_tf.modeling import greedy_nms, rpn_targets, sampling
 from rfcn_tf.modeling import backbone as backbone_lib
@@ -139,6 +140,24 @@ def test_label_anchors_by_hand():
                                atol=1e-6)
 
 
+def test_label_anchors_as_configured_reads_every_rpn_key():
+    # Image 0's anchor IoUs are 1, 0.5, 0, 0, 1/3: at 0.45 / 0.35 (not the defaults 0.7 /
+    # 0.3, which would ignore anchors 1 and 4) they are positive, positive, then negative.
+    gt = tf.constant([[[0, 0, 10, 10], [0, 0, 0, 0]]], tf.float32)
+    valid = tf.constant([[True, False]])
+
+    def labels(**keys):
+        config = configs.RpnConfig(foreground_iou=0.45, background_iou=0.35, **keys)
+        return rpn_targets.label_anchors_as_configured(
+            tf.constant(ANCHORS), gt, valid, config,
+            seed=tf.constant([3, 4], tf.int64))["score_targets"].numpy()[0]
+
+    np.testing.assert_array_equal(labels(), [1, 1, 0, 0, 0])
+    # A sample of 4 with at most a quarter positive (the defaults 256 and 0.5 keep both).
+    sampled = labels(batch_size_per_image=4, positive_fraction=0.25)
+    assert (sampled[:2] == 1).sum() == 1 and (sampled[:2] == -1).sum() == 1
+    np.testing.assert_array_equal(sampled[2:], [0, 0, 0])
+
 def _np_iou(a, b):
     """Pairwise IoU [len(a), len(b)] of (ymin, xmin, ymax, xmax) boxes."""
     a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
@@ -199,6 +218,24 @@ def test_label_rois_by_hand():
     np.testing.assert_array_equal(banded["background"].numpy()[0], [0, 0, 1, 0, 0, 0, 0])
     assert not banded["background"].numpy()[1].any()
 
+
+def test_label_rois_as_configured_reads_every_sampler_key():
+    rois = np.array([[[0, 0, 10, 10], [0, 0, 10, 15], [0, 0, 10, 20], [0, 0, 10, 25],
+                      [100, 100, 110, 110]]], np.float32)
+    gt = np.array([[[0, 0, 10, 10]]], np.float32)
+    config = configs.RoiSamplerConfig(foreground_iou=0.6, background_iou_high=0.55,
+                                      background_iou_low=0.1, box_stds=[0.2, 0.2, 0.1, 0.1])
+    out = roi_targets.label_rois_as_configured(
+        tf.constant(rois), tf.ones([1, 5], tf.bool), tf.constant(gt), tf.constant([[3]]),
+        tf.constant([[True]]), config)
+    # IoUs 1, 2/3, 1/2, 0.4, 0 and the mixed-in gt 1 (the defaults 0.5 / 0.5 / 0 would
+    # make IoU 1/2 foreground and IoU 0 background); targets divided by the stds.
+    np.testing.assert_array_equal(out["labels"].numpy()[0], [3, 3, 0, 0, 0, 3])
+    np.testing.assert_array_equal(out["foreground"].numpy()[0], [1, 1, 0, 0, 0, 1])
+    np.testing.assert_array_equal(out["background"].numpy()[0], [0, 0, 1, 1, 0, 0])
+    np.testing.assert_allclose(out["box_targets"].numpy()[0, 1],
+                               _np_encode(gt[0, 0], rois[0, 1], weights=(5, 5, 10, 10)),
+                               atol=1e-5)
 
 def test_sample_rois_fills_slots_and_weights():
     tf.random.set_seed(1)

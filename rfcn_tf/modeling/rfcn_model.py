@@ -290,23 +290,17 @@ class RfcnModel(tf_keras.Model):
             anchor_seed = tf.random.experimental.stateless_fold_in(seed, 0)
             roi_seed = tf.random.experimental.stateless_fold_in(seed, 1)
 
-        anchor_targets = rpn_targets.label_anchors(
-            out["anchors"], gt_boxes, gt_valid, foreground_iou=cfg.rpn.foreground_iou,
-            background_iou=cfg.rpn.background_iou,
-            batch_size_per_image=cfg.rpn.batch_size_per_image,
-            positive_fraction=cfg.rpn.positive_fraction, seed=anchor_seed)
+        anchor_targets = rpn_targets.label_anchors_as_configured(
+            out["anchors"], gt_boxes, gt_valid, cfg.rpn, seed=anchor_seed)
         result = losses_lib.rpn_losses(
             out["rpn_scores"], out["rpn_deltas"], anchor_targets["score_targets"],
             anchor_targets["box_targets"], batch_size_per_image=cfg.rpn.batch_size_per_image,
             huber_delta=cfg.loss.rpn_huber_delta)
 
         proposals = out["proposals"]
-        targets = roi_targets.label_rois(
+        targets = roi_targets.label_rois_as_configured(
             proposals, rpn.valid_boxes(proposals), gt_boxes, gt_classes, gt_valid,
-            foreground_iou=cfg.roi_sampler.foreground_iou,
-            background_iou_high=cfg.roi_sampler.background_iou_high,
-            background_iou_low=cfg.roi_sampler.background_iou_low,
-            box_stds=cfg.roi_sampler.box_stds)
+            cfg.roi_sampler)
         result.update(self._second_stage_losses(head_on, targets, roi_seed))
 
         weights = cfg.loss

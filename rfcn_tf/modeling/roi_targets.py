@@ -74,6 +74,18 @@ def label_rois(rois: tf.Tensor, roi_valid: tf.Tensor, gt_boxes: tf.Tensor,
             "box_targets": box_targets}
 
 
+def label_rois_as_configured(rois: tf.Tensor, roi_valid: tf.Tensor, gt_boxes: tf.Tensor,
+                             gt_classes: tf.Tensor, gt_valid: tf.Tensor, sampler_config
+                             ) -> Dict[str, tf.Tensor]:
+    """label_rois with the IoU thresholds and box stds of `sampler_config` (a
+    configs.RoiSamplerConfig), ground truth mixed in."""
+    return label_rois(rois, roi_valid, gt_boxes, gt_classes, gt_valid,
+                      foreground_iou=sampler_config.foreground_iou,
+                      background_iou_high=sampler_config.background_iou_high,
+                      background_iou_low=sampler_config.background_iou_low,
+                      box_stds=sampler_config.box_stds)
+
+
 def sample_rois(targets: Dict[str, tf.Tensor], num_samples: int,
                 foreground_fraction: float, seed: Optional[tf.Tensor] = None
                 ) -> Dict[str, tf.Tensor]:

@@ -78,3 +78,15 @@ def label_anchors(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, 
     keep = (sampled & positive)[..., None]
     box_targets = tf.where(keep, box_targets, tf.zeros_like(box_targets))
     return {"score_targets": tf.cast(score_targets, tf.int32), "box_targets": box_targets}
+
+
+def label_anchors_as_configured(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor,
+                                rpn_config, seed: Optional[tf.Tensor] = None
+                                ) -> Dict[str, tf.Tensor]:
+    """label_anchors with the IoU thresholds, sample size and positive fraction of
+    `rpn_config` (a configs.RpnConfig)."""
+    return label_anchors(anchors, gt_boxes, gt_valid,
+                         foreground_iou=rpn_config.foreground_iou,
+                         background_iou=rpn_config.background_iou,
+                         batch_size_per_image=rpn_config.batch_size_per_image,
+                         positive_fraction=rpn_config.positive_fraction, seed=seed)
