@@ -331,7 +331,9 @@ class TrainingLog(tf_keras.callbacks.Callback):
       after any restore, so "step" is where this run starts;
     {"event": "epoch_end", "epoch": e, "step": <step>, <log name>: value, ...};
     {"event": "train_end", "step": <step>, "diverged": bool}.
-    Epochs are 0-based, as in Keras.
+    Epochs are 0-based, as in Keras. A run that continues after being killed during an
+    epoch's end-of-epoch work redoes that epoch end, so its epoch_end line can appear
+    twice, with a train_begin line between: the later one is the final record.
     """
 
     def __init__(self, model_dir: str, strategy: tf.distribute.Strategy):
