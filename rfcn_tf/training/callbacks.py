@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 import tf_keras
+from absl import logging
 
 from rfcn_tf.configs import ConfigError
 from rfcn_tf.training import distribution
@@ -299,7 +300,8 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
     see `_diverged_now`), and the end of a diverged run keeps the last backup
     (tf_keras deletes it at the end of a run): running again resumes from it,
     i.e. from the state after the last backed-up step whose variables were all
-    finite.
+    finite. A finished run leaves no backup directory behind (tf_keras deletes this
+    worker's subdirectory; the backup directory goes too once no worker's is left).
     """
 
     def on_train_batch_end(self, batch, logs=None):
@@ -320,8 +322,20 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
         self.delete_checkpoint = delete_checkpoint and not _diverged(self.model)
         try:
             super().on_train_end(logs)
+            if self.delete_checkpoint:
+                _remove_if_empty(self.backup_dir)
         finally:
             self.delete_checkpoint = delete_checkpoint
+
+
+def _remove_if_empty(directory: str) -> None:
+    """Removes `directory` if it exists and is empty (another worker's backup still in
+    it, or a file system error, leaves it as it is)."""
+    try:
+        if tf.io.gfile.isdir(directory) and not tf.io.gfile.listdir(directory):
+            tf.io.gfile.rmtree(directory)
+    except (tf.errors.OpError, OSError) as error:
+        logging.warning("could not remove the empty backup directory %s: %s", directory, error)
 
 
 class TrainingLog(tf_keras.callbacks.Callback):
