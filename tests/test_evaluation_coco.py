@@ -1,11 +1,15 @@
 """COCOMetric: hand-computed COCO values, crowd handling, and agreement with
 official.vision's COCOEvaluator on inputs that evaluator accepts."""
 
+import contextlib
+import io
 import json
 import math
 
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from rfcn_tf.evaluation.coco_metric import COCOMetric
 
@@ -384,3 +388,131 @@ def test_pipeline_metric_equals_pycocotools_on_the_json(tmp_path, stored_as):
     # The JSON's areas matter: box areas give other small/medium/large numbers.
     assert any(not with_box_area[n] == pytest.approx(got[n], abs=1e-3, nan_ok=True)
                for n in ("APs", "APm", "APl", "ARs", "ARm", "ARl"))
+
+
+def pycocotools_stats(images, num_classes, cat_ids=None):
+    """COCOeval(iouType="bbox").stats (maxDets [1, 10, 100]) computed directly from the
+    image lists of `make_batch` (image ids 1.., box areas, no metric code involved),
+    restricted to `cat_ids` when given; -1 becomes NaN."""
+    def xywh(box):
+        ymin, xmin, ymax, xmax = (float(v) for v in box)
+        return [xmin, ymin, xmax - xmin, ymax - ymin]
+
+    gts = [(image_id, xywh(box), cls, crowd)
+           for image_id, im in enumerate(images, start=1) for box, cls, crowd in im["gt"]]
+    annotations = [{"id": ann_id, "image_id": image_id, "category_id": cls, "bbox": bbox,
+                    "area": bbox[2] * bbox[3], "iscrowd": int(crowd)}
+                   for ann_id, (image_id, bbox, cls, crowd) in enumerate(gts, start=1)]
+    detections = [{"image_id": image_id, "category_id": cls, "bbox": xywh(box),
+                   "score": float(score)}
+                  for image_id, im in enumerate(images, start=1) for box, cls, score in im["det"]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO()
+        ground_truth.dataset = {
+            "images": [{"id": i, "height": 480, "width": 640}
+                       for i in range(1, len(images) + 1)],
+            "annotations": annotations,
+            "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes + 1)]}
+        ground_truth.createIndex()
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
+        evaluator.params.imgIds = list(range(1, len(images) + 1))
+        evaluator.params.catIds = cat_ids or list(range(1, num_classes + 1))
+        evaluator.params.maxDets = [1, 10, 100]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float("nan") if value == -1 else float(value) for value in evaluator.stats]
+
+
+def crowded_images(rng, num_images, num_classes, dets_per_class=30):
+    """Per image and class: 8 gts of mixed sizes (small, medium, large) and exactly
+    `dets_per_class` detections (jittered copies of the gts, some badly, and clutter of
+    every size) with random scores, so that detections past the 10th of an image and
+    class decide AP50, AP75, APs/m/l, ARs/m/l and the per-class values."""
+    images = []
+    for _ in range(num_images):
+        gts, dets = [], []
+        for cls in range(1, num_classes + 1):
+            class_dets = []
+            for _ in range(8):
+                side = rng.choice([20.0, 60.0, 150.0]) * rng.uniform(0.8, 1.2, size=2)
+                y, x = rng.uniform(0, 400, size=2)
+                box = (y, x, y + side[0], x + side[1])
+                gts.append((box, cls, False))
+                for _ in range(rng.integers(1, 3)):
+                    jitter = rng.normal(0, rng.choice([1.0, 0.08 * side.min()]), size=4)
+                    y0, x0, y1, x1 = np.array(box) + jitter
+                    class_dets.append(((min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)),
+                                       cls, float(rng.random())))
+            while len(class_dets) < dets_per_class:
+                side = rng.choice([20.0, 60.0, 150.0]) * rng.uniform(0.8, 1.2, size=2)
+                y, x = rng.uniform(0, 400, size=2)
+                class_dets.append(((y, x, y + side[0], x + side[1]), cls, float(rng.random())))
+            dets += class_dets
+        images.append({"gt": gts, "det": dets})
+    return images
+
+
+def test_more_than_ten_detections_per_class_match_pycocotools():
+    """30 detections per image and class: all 12 statistics equal COCOeval.stats, and
+    per-class AP / AP50 equal COCOeval restricted to that category (its AP and AP50),
+    all at maxDets 100 (the 10-detection column would give other numbers)."""
+    rng = np.random.default_rng(17)
+    names = ["a", "b"]
+    images = crowded_images(rng, num_images=3, num_classes=len(names))
+    metric = COCOMetric(names)
+    metric.update_state(*make_batch(images))
+    result = metric.result()
+    expected = pycocotools_stats(images, len(names))
+    assert 0.1 < result["AP"] < 0.9  # a non-trivial case
+    for name, value in zip(metric.stat_names, expected):
+        assert result[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name
+    for class_id, name in enumerate(names, start=1):
+        ap, ap50 = pycocotools_stats(images, len(names), cat_ids=[class_id])[:2]
+        assert result[f"AP/{name}"] == pytest.approx(ap, abs=1e-9), name
+        assert result[f"AP50/{name}"] == pytest.approx(ap50, abs=1e-9), name
+
+
+def test_thirty_perfect_detections_per_class_give_one_everywhere():
+    # Per class 10 small (20 x 20), 10 medium (50 x 50) and 10 large (100 x 100)
+    # disjoint gts, each detected exactly; by descending score the sizes cycle small,
+    # medium, large, so the 10 best hold some of every size and only the cut at
+    # max_detections (100) finds them all.
+    boxes = [(200 * (i % 3), 110 * (i // 3), 200 * (i % 3) + side, 110 * (i // 3) + side)
+             for i, side in enumerate([20, 50, 100] * 10)]
+    scores = np.linspace(0.99, 0.01, 30)
+    images = [{"gt": [(b, c, False) for c in (1, 2) for b in boxes],
+               "det": [(b, c, s) for c in (1, 2) for b, s in zip(boxes, scores)]}]
+    result = evaluate(images, class_names=("a", "b"))
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100", "ARs", "ARm", "ARl",
+                 "AP/a", "AP/b", "AP50/a", "AP50/b"):
+        assert result[name] == pytest.approx(1.0, abs=1e-12), name
+    # One and ten detections per image and class find 1 and 10 of the 30 gts.
+    assert result["ARmax1"] == pytest.approx(1 / 30, abs=1e-12)
+    assert result["ARmax10"] == pytest.approx(1 / 3, abs=1e-12)
+
+
+def test_reset_state_forgets_the_ground_truth():
+    # A perfect detection fed again after a reset: AP 1 (a metric that kept the first
+    # batch's gt would see it twice on image 1 and miss one: AP 51/101).
+    batch = make_batch([{"gt": [(LARGE, 1, False)], "det": [(LARGE, 1, 0.9)]}])
+    metric = COCOMetric(["a"])
+    metric.update_state(*batch)
+    metric.reset_state()
+    metric.update_state(*batch)
+    assert metric.result()["AP"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_result_after_reset_equals_pycocotools_on_the_new_batch():
+    rng = np.random.default_rng(23)
+    first = random_images(rng, num_images=4, num_classes=3, dets_per_image=None)
+    second = random_images(rng, num_images=4, num_classes=3, dets_per_image=None)
+    metric = COCOMetric(["a", "b", "c"])
+    metric.update_state(*make_batch(first))
+    metric.result()
+    metric.reset_state()
+    metric.update_state(*make_batch(second))
+    result = metric.result()
+    assert 0.1 < result["AP"] < 0.95
+    for name, value in zip(metric.stat_names, pycocotools_stats(second, 3)):
+        assert result[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name

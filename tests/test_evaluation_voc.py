@@ -401,3 +401,55 @@ def test_bccd_ground_truth_as_detections():
     assert result["voc07_AP@0.5/RBC"] == pytest.approx(
         sum(t <= recall for t in np.arange(0.0, 1.1, 0.1)) / 11, abs=1e-12)
     assert result["voc_AP@0.5/WBC"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_reset_state_forgets_the_positives_count():
+    # One gt A detected exactly: AP 1. Fed again after a reset it must still be 1; a
+    # metric that kept the first batch's gt count would see npos = 2 (recall 1/2, AP 0.5).
+    batch = make_batch([{"gt": [(A, 1, False)], "det": [(A, 1, 0.9)]}])
+    metric = VOCMetric(["a"])
+    metric.update_state(*batch)
+    metric.reset_state()
+    metric.update_state(*batch)
+    result = metric.result()
+    assert result["voc_AP@0.5/a"] == 1.0 and result["voc07_AP@0.5/a"] == 1.0
+
+
+def test_result_after_reset_equals_the_devkit_on_the_new_scene():
+    rng = np.random.default_rng(21)
+    names = ["a", "b", "c"]
+    first, second = random_images(rng, 15, len(names)), random_images(rng, 15, len(names))
+    metric = VOCMetric(names)
+    metric.update_state(*make_batch(first))
+    metric.result()
+    metric.reset_state()
+    metric.update_state(*make_batch(second))
+    result = metric.result()
+    for class_id, name in enumerate(names, start=1):
+        ap07, area = reference_devkit(second, class_id)
+        assert result[f"voc07_AP@0.5/{name}"] == pytest.approx(ap07, abs=1e-12, nan_ok=True)
+        assert result[f"voc_AP@0.5/{name}"] == pytest.approx(area, abs=1e-12, nan_ok=True)
+    assert 0.1 < result["voc_mAP@0.5"] < 0.99
+
+
+def test_tied_scores_within_an_image_keep_slot_order_beyond_16_slots():
+    """65 unsorted slots in one image (NumPy's default sort is not stable past 16
+    elements): the single gt is hit by two detections tied at 0.3, slots 2 and 6. The
+    devkit ranks ties in feed order, so slot 2 is the TP and slot 6 a duplicate; the
+    TP's rank is #(score > 0.3) + 1 = 40, hence area AP = 1/40 (checked against
+    reference_devkit too)."""
+    scores = [0.9, 0.9, 0.3, 0.3, 0.9, 0.9, 0.3, 0.3, 0.9, 0.5, 0.3, 0.9, 0.3, 0.5, 0.5, 0.5,
+              0.3, 0.3, 0.9, 0.9, 0.9, 0.5, 0.9, 0.3, 0.5, 0.9, 0.3, 0.3, 0.3, 0.5, 0.9, 0.3,
+              0.5, 0.5, 0.9, 0.3, 0.5, 0.3, 0.3, 0.9, 0.3, 0.3, 0.5, 0.5, 0.3, 0.9, 0.9, 0.9,
+              0.3, 0.9, 0.3, 0.5, 0.9, 0.3, 0.9, 0.3, 0.3, 0.9, 0.5, 0.5, 0.3, 0.3, 0.5, 0.5,
+              0.5]
+    boxes = [(100 + 20 * i, 100, 109 + 20 * i, 109) for i in range(len(scores))]  # far: FPs
+    boxes[2], boxes[6] = A, (0, 1, 9, 10)  # both overlap A by >= 0.5
+    images = [{"gt": [(A, 1, False)], "det": [(b, 1, s) for b, s in zip(boxes, scores)]}]
+    rank = sum(s > 0.3 for s in scores) + 1
+    assert rank == 40
+    ap07, area = reference_devkit(images, 1)
+    assert area == pytest.approx(1 / rank, abs=1e-12)
+    result = evaluate(images)
+    assert result["voc_AP@0.5/a"] == pytest.approx(area, abs=1e-12)
+    assert result["voc07_AP@0.5/a"] == pytest.approx(ap07, abs=1e-12)

@@ -19,6 +19,7 @@ import tf_keras
 from official.vision.modeling.layers import detection_generator
 from official.vision.ops import anchor as official_anchor
 from rfcn_tf import configs
+from rfcn_tf.data import preprocess
 from rfcn_tf.modeling import anchors, detection, matmul_conv, rfcn_head, roi_targets, rpn
 from rfcn_tf.modeling import greedy_nms, rpn_targets, sampling
 from rfcn_tf.modeling import backbone as backbone_lib
@@ -740,3 +741,79 @@ def test_layer_config_round_trip(layer_class, kwargs):
     clone = layer_class.from_config(config)
     _assert_config_holds(clone.get_config(), kwargs)
     assert clone.get_config() == config
+
+
+# ------------------------------------------------- detection generator edges --
+
+IMAGE_100 = mtu.image_info(1, 100, 100)  # 100 x 100, not resized: pixels / 100 = normalised
+
+
+@pytest.mark.parametrize("nms_version", detection.NMS_VERSIONS)
+@pytest.mark.parametrize("box_stds", [(0.1, 0.1, 0.2, 0.2), (0.2, 0.2, 0.4, 0.4)])
+def test_detection_generator_decodes_with_its_box_stds(box_stds, nms_version):
+    # RoI [10, 10, 50, 50] (40 x 40, centre 30, 30), deltas (1, -1, 0.5, 0): official.vision
+    # decodes the centre shift as delta * std * size and the size as size * exp(delta * std).
+    sy, sx, sh, sw = box_stds
+    cy, cx = 30 + 1 * sy * 40, 30 - 1 * sx * 40
+    h, w = 40 * math.exp(0.5 * sh), 40 * math.exp(0 * sw)
+    expected = [cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2]
+    gen = detection.RfcnDetectionGenerator(num_classes=1, max_detections=2,
+                                           nms_version=nms_version, box_stds=box_stds)
+    out = gen(tf.constant([[[0.0, 3.0]]]), tf.constant([[[1.0, -1.0, 0.5, 0.0]]]),
+              tf.constant([[[10.0, 10.0, 50.0, 50.0]]]), tf.constant([[True]]),
+              tf.constant(IMAGE_100))
+    assert out["num_detections"].numpy()[0] == 1
+    np.testing.assert_allclose(out["detection_boxes_resized"].numpy()[0, 0], expected,
+                               rtol=1e-5)
+    np.testing.assert_allclose(out["detection_boxes"].numpy()[0, 0],
+                               np.array(expected) / 100, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nms_version", detection.NMS_VERSIONS)
+def test_detection_generator_drops_boxes_clipped_to_no_area(nms_version):
+    # A valid RoI at [120, 120, 150, 150] lies outside the 100 x 100 image: clipped, it
+    # has no area, so only the in-image RoI (lower score) is a detection.
+    gen = detection.RfcnDetectionGenerator(num_classes=1, max_detections=3,
+                                           nms_version=nms_version)
+    rois = tf.constant([[[10, 10, 50, 50], [120, 120, 150, 150]]], tf.float32)
+    logits = tf.constant([[[0.0, 2.0], [0.0, 3.0]]])
+    out = gen(logits, tf.zeros([1, 2, 4]), rois, tf.constant([[True, True]]),
+              tf.constant(IMAGE_100))
+    assert out["num_detections"].numpy()[0] == 1
+    np.testing.assert_allclose(out["detection_boxes"].numpy()[0],
+                               [[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0], [0, 0, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(out["detection_scores"].numpy()[0],
+                               [math.exp(2) / (1 + math.exp(2)), 0, 0], rtol=1e-5)
+    np.testing.assert_array_equal(out["detection_classes"].numpy()[0], [1, 0, 0])
+
+
+@pytest.mark.parametrize("nms_version", detection.NMS_VERSIONS)
+def test_detection_generator_never_lets_an_invalid_roi_slot_take_a_detection(nms_version):
+    # max_detections 1: the invalid slot (non-zero-area box, foreground logit 5) must not
+    # displace the valid RoI (logit 1, score e / (1 + e)).
+    gen = detection.RfcnDetectionGenerator(num_classes=1, max_detections=1,
+                                           nms_version=nms_version)
+    rois = tf.constant([[[10, 10, 50, 50], [60, 60, 90, 90]]], tf.float32)
+    logits = tf.constant([[[0.0, 1.0], [0.0, 5.0]]])
+    out = gen(logits, tf.zeros([1, 2, 4]), rois, tf.constant([[True, False]]),
+              tf.constant(IMAGE_100))
+    assert out["num_detections"].numpy()[0] == 1
+    np.testing.assert_allclose(out["detection_boxes"].numpy()[0], [[0.1, 0.1, 0.5, 0.5]],
+                               atol=1e-6)
+    np.testing.assert_allclose(out["detection_scores"].numpy()[0],
+                               [math.e / (1 + math.e)], rtol=1e-5)
+
+
+def test_to_original_normalized_never_exceeds_one():
+    # 357 x 500 scaled to short side 600 is 600 x 840 (scale 840/500 in float32); the
+    # bottom-right corner maps back to 840 / (840/500) / 500 = 1.0000001 in float32
+    # arithmetic, which must come out as exactly 1.
+    size = preprocess.scaled_size(tf.constant([357, 500]), 600, 1000.0)
+    info = preprocess.image_info(tf.constant([357, 500]), size)[None]
+    np.testing.assert_array_equal(size.numpy(), [600, 840])
+    f32 = np.float32
+    assert f32(840) / (f32(840) / f32(500)) / f32(500) > 1  # the case needs the clip
+    box = tf.concat([tf.zeros([2]), size], 0)[None, None]  # [0, 0, 600, 840]
+    normalized = detection.to_original_normalized(box, info).numpy()
+    assert normalized.max() == 1.0
+    np.testing.assert_array_equal(normalized, [[[0, 0, 1, 1]]])
