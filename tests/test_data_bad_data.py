@@ -234,6 +234,8 @@ def test_converter_reports_and_tfrecord_round_trip(dirty_voc, tmp_path):
     stored = {ex.filename: ex for ex in tfrecord.read_examples(str(tmp_path / "*.tfrecord"))}
     assert stored["bmp.bmp"].image_format == "png" and stored["ok.jpg"].image_format == "jpeg"
     np.testing.assert_array_equal(stored["boxes.jpg"].labels, [2, 1])
+    # The XML's <difficult> flags (the dog of "ok" is difficult) are written.
+    np.testing.assert_array_equal(stored["ok.jpg"].difficult, [False, True])
     assert os.path.isfile(result.report_path) and os.path.isfile(result.label_map_path)
 
 
@@ -550,3 +552,112 @@ def test_tfrecord_elements_are_named_by_their_stored_source_id(tmp_path, caplog)
     assert input_pipeline.strict_label_failure(raised.value) == (
         f"{last}.jpg (source_id img_0042.jpg) has class id(s) [7] outside the label map "
         "(ids 1..2: cat, dog) and strict_label_map is true")
+
+
+@pytest.fixture(scope="module")
+def edge_voc(tmp_path_factory):
+    """A VOC set (XML size H x W) with one split per edge case, each of one image:
+    "resized" (the image file is 40 x 60), "corner" (a box past the bottom-right
+    corner), "pair" (one box under two classes), "thin" (boxes 1 px and 0.99 px wide
+    or tall)."""
+    root = str(tmp_path_factory.mktemp("edge_voc"))
+    entries = [
+        ("resized", "resized.png", [GOOD]),
+        ("corner", "", [("cat", (20, 50, 60, 80), False)]),
+        ("pair", "", [("cat", GOOD[1], False), ("dog", GOOD[1], False)]),
+        ("thin", "", [("cat", (10, 10, 20, 11), False), ("dog", (10, 10, 11, 20), False),
+                      ("cat", (30, 30, 40, 30.99), False), ("dog", (30, 30, 30.99, 40), False)]),
+    ]
+    write_voc(root, entries, size=(H, W))
+    for image_id, _, _ in entries:
+        voc.write_split(root, image_id, [image_id])
+    with open(os.path.join(root, voc.IMAGES, "resized.png"), "wb") as f:
+        f.write(image_bytes(40, 60, "PNG"))
+    for name in ("corner", "pair", "thin"):
+        with open(os.path.join(root, voc.IMAGES, name + ".jpg"), "wb") as f:
+            f.write(image_bytes(H, W, "JPEG"))
+    return root
+
+
+def _read_split(root, split):
+    """The one record of `split` and the read's report."""
+    records, report = voc.read_voc(root, split, LABELS)
+    assert len(records) == 1
+    return records[0], report
+
+
+def test_image_size_wins_over_the_annotated_size(edge_voc):
+    """The XML says 48 x 64, the PNG is 40 x 60: the record has the image's size, boxes
+    are normalized by it, and the mismatch is counted once."""
+    record, report = _read_split(edge_voc, "resized")
+    assert (record.height, record.width) == (40, 60)
+    np.testing.assert_allclose(record.boxes, [np.array(GOOD[1]) / [40, 60, 40, 60]], rtol=1e-6)
+    assert report.get(rpt.IMAGES_NOTED, validation.REASON_SIZE_MISMATCH) == 1
+
+
+def test_box_past_the_bottom_right_is_clipped_to_the_image(edge_voc):
+    """(20, 50, 60, 80) on a 48 x 64 image becomes (20, 50, 48, 64): area 28 x 14."""
+    record, report = _read_split(edge_voc, "corner")
+    np.testing.assert_allclose(record.absolute_boxes(), [[20, 50, 48, 64]], atol=1e-4)
+    np.testing.assert_allclose(record.areas, [28 * 14], rtol=1e-6)
+    assert report.get(rpt.BOXES_FIXED, validation.REASON_CLIPPED) == 1
+
+
+def test_same_box_under_two_classes_is_not_a_duplicate(edge_voc):
+    record, report = _read_split(edge_voc, "pair")
+    np.testing.assert_array_equal(record.classes, [1, 2])
+    np.testing.assert_allclose(record.absolute_boxes(), [GOOD[1]] * 2, atol=1e-4)
+    assert report.get(rpt.BOXES_DROPPED, validation.REASON_DUPLICATE) == 0
+
+
+def test_reader_keeps_boxes_of_exactly_the_minimum_size(edge_voc):
+    """A box exactly 1 px wide or tall is kept; 0.99 px is dropped and counted."""
+    record, report = _read_split(edge_voc, "thin")
+    np.testing.assert_allclose(record.absolute_boxes(), [[10, 10, 20, 11], [10, 10, 11, 20]],
+                               atol=1e-4)
+    np.testing.assert_array_equal(record.classes, [1, 2])
+    assert report.get(rpt.BOXES_DROPPED, validation.REASON_DEGENERATE) == 2
+
+
+def _flagged_record(source_id, size, boxes, classes, difficult, is_crowd):
+    """An ImageRecord of a size x size image with normalized `boxes` and the given flags."""
+    return ImageRecord(source_id=source_id, filename=f"{source_id}.jpg", image_path=None,
+                       height=size, width=size, boxes=np.asarray(boxes, np.float32),
+                       classes=classes, difficult=difficult, is_crowd=is_crowd)
+
+
+def test_pipeline_keeps_tfrecord_boxes_of_exactly_the_minimum_size(tmp_path):
+    """In the graph (64 x 64 image): boxes exactly 1 px wide or tall are kept, 0.99 px
+    ones dropped and counted."""
+    one, thin = 1 / 64, 0.99 / 64
+    record = _flagged_record(0, 64, [[0.25, 0.5, 0.75, 0.5 + one], [0.5, 0.25, 0.5 + one, 0.75],
+                                     [0.25, 0.5, 0.75, 0.5 + thin], [0.5, 0.25, 0.5 + thin, 0.75]],
+                             [1, 2, 1, 2], [False] * 4, [False] * 4)
+    path = str(tmp_path / "thin.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(tfrecord.make_example(record, image_bytes(64, 64), "jpeg", LABELS)
+                     .SerializeToString())
+    stats = input_pipeline.PipelineStats()
+    cfg = DataConfig(format="tfrecord", path=path, is_training=False, short_side=64,
+                     max_side=64, class_names=["cat", "dog"])
+    (batch,) = list(input_pipeline.build_dataset(cfg, 1, stats=stats))
+    np.testing.assert_array_equal(batch["gt_classes"][0, :3], [1, 2, -1])
+    np.testing.assert_allclose(batch["gt_boxes"][0, :2], [[16, 32, 48, 33], [32, 16, 33, 48]],
+                               atol=1e-3)
+    assert stats.boxes_dropped() == 2
+
+
+def test_tfrecord_conversion_keeps_difficult_and_crowd_flags(tmp_path):
+    """Records of another producer with difficult [0, 1] and is_crowd [1, 0] keep those
+    flags through convert_tfrecord."""
+    record = _flagged_record(0, H, [[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.9]], [1, 2],
+                             [False, True], [True, False])
+    path = str(tmp_path / "flags.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(tfrecord.make_example(record, image_bytes(H, H), "jpeg", LABELS)
+                     .SerializeToString())
+    result = converters.convert_tfrecord(path, "clean", str(tmp_path / "clean"),
+                                         label_map=LABELS, show_progress=False)
+    (stored,) = list(tfrecord.read_examples(result.tfrecord_files[0]))
+    np.testing.assert_array_equal(stored.difficult, [False, True])
+    np.testing.assert_array_equal(stored.is_crowd, [True, False])

@@ -306,8 +306,58 @@ def test_tfrecords_without_area_use_the_box_area(area_set, tmp_path):
     got = _eval_areas(cfg)
     for source_id, areas in box_areas.items():
         np.testing.assert_allclose(got[source_id], areas, rtol=1e-5)
+    # Resized x2, the box areas stay in pixels of the original image.
+    resized = _eval_areas(DataConfig(format="tfrecord", path=foreign, is_training=False,
+                                     short_side=2 * H, max_side=2 * W, class_names=["cell"]))
+    for source_id, areas in box_areas.items():
+        np.testing.assert_allclose(resized[source_id], areas, rtol=1e-5)
     clean = converters.convert_tfrecord(foreign, "clean", str(tmp_path / "clean"),
                                         label_map=LabelMap.from_names(["cell"]),
                                         show_progress=False)
     for example in tfrecord.read_examples(clean.tfrecord_files[0]):
         np.testing.assert_allclose(example.areas, box_areas[int(example.source_id)], rtol=1e-5)
+
+
+def test_crowd_dropped_in_training_kept_in_evaluation_from_tfrecords(coco_set, tmp_path):
+    """test_crowd_dropped_in_training_kept_in_evaluation on the converted shards: the
+    in-graph parser reads image/object/is_crowd."""
+    path, images, _ = coco_set
+    shards = converters.convert_coco(path, images, "val", str(tmp_path), num_shards=1,
+                                     show_progress=False).tfrecord_files
+    common = dict(format="tfrecord", path=shards[0], short_side=H, max_side=W,
+                  random_flip=False, deterministic=True, class_names=["bird", "cat"])
+
+    def image_11(batches):
+        for batch in batches:
+            ids = batch["source_id"].numpy().tolist()
+            if 11 in ids:
+                return {k: v[ids.index(11)].numpy() for k, v in batch.items()}
+        raise AssertionError("image 11 not seen")
+    train = image_11(input_pipeline.build_dataset(
+        DataConfig(is_training=True, shuffle_buffer=1, **common), 1).take(3))
+    np.testing.assert_array_equal(train["gt_classes"][:2], [2, -1])  # the crowd bird dropped
+    evaluation = image_11(input_pipeline.build_dataset(DataConfig(is_training=False, **common),
+                                                       3))
+    np.testing.assert_array_equal(evaluation["gt_classes"][:3], [2, 1, -1])
+    np.testing.assert_array_equal(evaluation["gt_is_crowd"][:3], [False, True, False])
+
+
+def test_annotated_size_is_read_as_height_and_width(coco_set):
+    """coco_set's images are 40 high, 60 wide, as annotated: trusted as such without a
+    file check, and no mismatch counted with one."""
+    path, images, _ = coco_set
+    records, _, _ = coco.read_coco(path, images, image_check="none")
+    r = {r.source_id: r for r in records}[11]
+    assert (r.height, r.width) == (H, W)
+    # bbox [x, y, w, h] = [2, 3, 10, 20] and [30, 5, 25, 30] as (ymin, xmin, ymax, xmax).
+    np.testing.assert_allclose(r.absolute_boxes(), [[3, 2, 23, 12], [5, 30, 35, 55]], atol=1e-4)
+    _, _, report = coco.read_coco(path, images)
+    assert report.get(rpt.IMAGES_NOTED, validation.REASON_SIZE_MISMATCH) == 0
+
+
+def test_classes_follow_category_ids_not_names():
+    """Categories 3 'zebra' and 7 'ant': class 1 is zebra (the lower id), class 2 ant."""
+    data = {"categories": [{"id": 7, "name": "ant"}, {"id": 3, "name": "zebra"}]}
+    labels = coco.dataset_label_map(data)
+    assert labels.names == ["zebra", "ant"]
+    assert coco.category_ids(data, labels) == {1: 3, 2: 7}

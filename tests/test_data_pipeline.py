@@ -20,6 +20,8 @@ STD = np.array([0.229, 0.224, 0.225]) * 255
 COLOUR = np.array([200, 100, 50])
 SIZES = {"s0": (30, 40), "s1": (40, 30), "s2": (20, 100), "s3": (100, 100)}
 MARK_H, MARK_W = 40, 60
+# SIZES scaled by the short_side=60, max_side=100 rule of _config.
+SCALED = {"s0": (60, 80), "s1": (80, 60), "s2": (20, 100), "s3": (60, 60)}
 
 
 def _png(path, pixels):
@@ -98,13 +100,12 @@ def test_element_spec(sized_voc):
 
 def test_resize_rule_image_info_normalization_and_padding(sized_voc):
     # short side 60 unless the long side would pass 100; padded to multiples of 16.
-    expected_scaled = {"s0": (60, 80), "s1": (80, 60), "s2": (20, 100), "s3": (60, 60)}
     elements = _elements(input_pipeline.build_dataset(_config(sized_voc), 1))
     assert len(elements) == 4
     ids = voc.read_split_ids(sized_voc, "trainval")
     for e in elements:
         image_id = ids[e["source_id"]]
-        (h, w), (sh, sw) = SIZES[image_id], expected_scaled[image_id]
+        (h, w), (sh, sw) = SIZES[image_id], SCALED[image_id]
         np.testing.assert_allclose(e["image_info"], [[h, w], [sh, sw], [sh / h, sw / w], [0, 0]],
                                    rtol=1e-6)
         assert e["images"].shape == (-(-sh // 16) * 16, -(-sw // 16) * 16, 3)
@@ -131,15 +132,46 @@ def test_fixed_padded_size_scales_images_to_fit(sized_voc):
     np.testing.assert_allclose(s2["image_info"][1], [13, 64])  # round(20 * 0.64), 100 * 0.64
 
 
+def _training_objects_of_s3(path, **overrides):
+    """(gt_classes[:3], gt_difficult[:3]) of image s3 in the unflipped training stream."""
+    cfg = _config(path, is_training=True, random_flip=False, deterministic=True, **overrides)
+    for e in _elements(input_pipeline.build_dataset(cfg, 1), limit=8):
+        if e["image_info"][0].tolist() == [100, 100]:
+            return e["gt_classes"][:3].tolist(), e["gt_difficult"][:3].tolist()
+    raise AssertionError("s3 not seen")
+
+
 def test_difficult_dropped_in_training_unless_asked(sized_voc):
-    def classes_of_s3(**kw):
-        cfg = _config(sized_voc, is_training=True, random_flip=False, deterministic=True, **kw)
-        for e in _elements(input_pipeline.build_dataset(cfg, 1), limit=8):
-            if e["image_info"][0].tolist() == [100, 100]:
-                return e["gt_classes"][:3].tolist(), e["gt_difficult"][:3].tolist()
-        raise AssertionError("s3 not seen")
-    assert classes_of_s3() == ([1, -1, -1], [False, False, False])
-    assert classes_of_s3(use_difficult=True) == ([1, 2, -1], [False, True, False])
+    assert _training_objects_of_s3(sized_voc) == ([1, -1, -1], [False, False, False])
+    assert _training_objects_of_s3(sized_voc, use_difficult=True) == ([1, 2, -1],
+                                                                       [False, True, False])
+
+
+def test_difficult_flags_read_from_tfrecords(sized_voc, tmp_path):
+    """sized_voc converted: evaluation flags the XML's difficult 'b' of s3 (only it);
+    training drops it unless use_difficult."""
+    result = converters.convert_voc(sized_voc, "trainval", str(tmp_path), num_shards=2,
+                                    show_progress=False)
+    assert result.num_written == 4
+    pattern = os.path.join(str(tmp_path), "trainval-*")
+    flags = {tuple(e["image_info"][0].astype(int)): e["gt_difficult"][:3].tolist()
+             for e in _elements(input_pipeline.build_dataset(
+                 _config(pattern, format="tfrecord"), 2))}
+    assert flags == {hw: [False, True, False] if hw == SIZES["s3"] else [False] * 3
+                     for hw in SIZES.values()}
+    shards = dict(format="tfrecord", shuffle_buffer=0)
+    assert _training_objects_of_s3(pattern, **shards) == ([1, -1, -1], [False] * 3)
+    assert _training_objects_of_s3(pattern, use_difficult=True, **shards) == (
+        [1, 2, -1], [False, True, False])
+
+
+def test_evaluation_ignores_multiscale(sized_voc):
+    """multiscale_short_sides is for training: evaluation scales by short_side."""
+    cfg = _config(sized_voc, multiscale_short_sides=[40, 80])
+    ids = voc.read_split_ids(sized_voc, "trainval")
+    scaled = {ids[e["source_id"]]: tuple(e["image_info"][1].astype(int))
+              for e in _elements(input_pipeline.build_dataset(cfg, 2))}
+    assert scaled == SCALED
 
 
 def test_flipped_boxes_cover_the_flipped_pixels(marked_voc):
