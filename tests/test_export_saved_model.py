@@ -390,3 +390,37 @@ def test_export_command_reports_an_unwritable_export_dir(tmp_path):
     assert (f"rfcn_tf.export: error: cannot write to {export_dir}: " in result.stderr
             and "not a directory" in result.stderr.lower()
             and "once that is fixed, run the command again" in result.stderr), result.stderr[-2000:]
+
+
+def test_export_preprocesses_as_eval_data_not_train_data(tmp_path, reference):
+    """The served preprocessing is eval_data's: with train_data resizing to 64 (eval_data:
+    128, what the reference saw) the export still gives the reference detections."""
+    _, detector = ef.trained()
+    config = ef.tiny_config("train_data.short_side=64,train_data.max_side=64")
+    assert (config.train_data.short_side, config.eval_data.short_side) == (64, ef.IMAGE_SIZE)
+    path = saved_model.export_detector(detector, config, str(tmp_path),
+                                       class_names=ef.CLASS_NAMES, extra_signatures=False)
+    assert (saved_model.read_metadata(path)["preprocessing"]
+            == inputs.Preprocessor(config.eval_data).as_dict())
+    outputs = tf.saved_model.load(path).signatures["serving_default"](
+        input_tensor=tf.constant(ef.scene()[None]))
+    assert_same_detections({k: v.numpy() for k, v in outputs.items()}, reference)
+
+
+def test_serving_preprocessing_fits_the_image_inside_padded_size():
+    """eval_data.padded_size [64, 96]: a 90 x 170 image is scaled by min(128/170,
+    64/90, 96/170) = 96/170 to 51 x 96 (round(90 * 96/170) = round(50.8)), then padded
+    to exactly 64 x 96, as the eval pipeline chains rfcn_tf.data.preprocess."""
+    config = ef.tiny_config("eval_data.padded_size=[64,96]")
+    image = np.random.default_rng(4).integers(0, 256, (90, 170, 3), dtype=np.uint8)
+    served, info = inputs.Preprocessor(config.eval_data)(tf.constant(image[None]))
+    assert served.shape == (1, 64, 96, 3)
+    np.testing.assert_array_equal(info[0, 1].numpy(), [51, 96])
+    size = preprocess.scaled_size(tf.shape(image)[:2], float(ef.IMAGE_SIZE),
+                                  float(ef.IMAGE_SIZE), [64, 96])
+    expected = preprocess.pad(preprocess.normalize(preprocess.resize(tf.constant(image), size)),
+                              16, [64, 96])
+    np.testing.assert_array_equal(served[0].numpy(), expected.numpy())
+    np.testing.assert_array_equal(served[0, 51:].numpy(), 0)  # the padding rows
+    np.testing.assert_allclose(info[0].numpy(),
+                               preprocess.image_info(tf.shape(image)[:2], size).numpy())

@@ -817,3 +817,92 @@ def test_to_original_normalized_never_exceeds_one():
     normalized = detection.to_original_normalized(box, info).numpy()
     assert normalized.max() == 1.0
     np.testing.assert_array_equal(normalized, [[[0, 0, 1, 1]]])
+
+
+# ------------------------------------- proposals: decoding, top-k and sizes --
+
+def test_proposal_generator_decodes_nonzero_deltas_by_hand():
+    # Anchor [20, 20, 40, 60]: centre (30, 40), size 20 x 40. Deltas (0.1, -0.2, ln 1.5,
+    # ln 0.5): centre (30 + 0.1 * 20, 40 - 0.2 * 40) = (32, 32), size (30, 20), so the
+    # proposal is [32 - 15, 32 - 10, 32 + 15, 32 + 10] = [17, 22, 47, 42].
+    layer = rpn.ProposalGenerator(pre_nms_top_k_test=10, num_proposals_test=1)
+    deltas = tf.constant([[[0.1, -0.2, math.log(1.5), math.log(0.5)]]], tf.float32)
+    boxes, _ = layer(tf.constant([[1.0]]), deltas, tf.constant([[20, 20, 40, 60]], tf.float32),
+                     tf.constant([[100.0, 100.0]]), training=False)
+    np.testing.assert_allclose(boxes.numpy()[0], [[17, 22, 47, 42]], atol=1e-4)
+
+
+def test_rpn_box_targets_decode_back_to_the_ground_truth():
+    # Anchor 0 (20 x 40) best matches the gt [18, 22, 44, 52] (IoU 600/980): a positive
+    # whose targets (0.05, -0.075, ln 1.3, ln 0.75) the proposal layer must decode back
+    # into the gt box; anchor 1 (no overlap, zero targets) stays itself.
+    anchors_ = tf.constant([[20, 20, 40, 60], [60, 10, 90, 30]], tf.float32)
+    gt = np.array([[[18, 22, 44, 52]]], np.float32)
+    targets = rpn_targets.label_anchors(anchors_, tf.constant(gt), tf.constant([[True]]))
+    np.testing.assert_array_equal(targets["score_targets"].numpy(), [[1, 0]])
+    np.testing.assert_allclose(targets["box_targets"].numpy()[0, 0],
+                               [0.05, -0.075, math.log(1.3), math.log(0.75)], atol=1e-6)
+    layer = rpn.ProposalGenerator(pre_nms_top_k_test=10, num_proposals_test=2)
+    boxes, _ = layer(tf.constant([[5.0, -5.0]]), targets["box_targets"], anchors_,
+                     tf.constant([[100.0, 100.0]]), training=False)
+    np.testing.assert_allclose(boxes.numpy()[0], [gt[0, 0], [60, 10, 90, 30]], atol=1e-4)
+
+
+def test_proposal_generator_keeps_the_pre_nms_top_k_of_the_mode():
+    # Four disjoint anchors, zero deltas: training keeps the 2 best before NMS, test all 4.
+    anchors_ = tf.constant([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50],
+                            [60, 60, 70, 70]], tf.float32)
+    scores = tf.constant([[1.0, 4.0, 2.0, 3.0]])
+    layer = rpn.ProposalGenerator(pre_nms_top_k_train=2, pre_nms_top_k_test=10,
+                                  num_proposals_train=4, num_proposals_test=4)
+
+    def proposals(training):
+        boxes, _ = layer(scores, tf.zeros([1, 4, 4]), anchors_, tf.constant([[100.0, 100.0]]),
+                         training=training)
+        return boxes.numpy()[0]
+    np.testing.assert_allclose(proposals(True), [[20, 20, 30, 30], [60, 60, 70, 70], [0] * 4,
+                                                 [0] * 4], atol=1e-5)
+    np.testing.assert_allclose(proposals(False), anchors_.numpy()[[1, 3, 2, 0]], atol=1e-5)
+
+
+def test_proposal_generator_drops_sides_up_to_min_box_size():
+    # min_box_size 8 drops a box with a side <= 8 (the 5 px box, the exactly 8 px box and
+    # one 8 px high, 20 px wide), whatever its score, and keeps the 20 px box.
+    anchors_ = tf.constant([[0, 0, 5, 5], [10, 10, 18, 18], [30, 30, 50, 50],
+                            [60, 10, 68, 30]], tf.float32)
+    layer = rpn.ProposalGenerator(pre_nms_top_k_test=10, num_proposals_test=4,
+                                  min_box_size=8.0)
+    boxes, _ = layer(tf.constant([[3.0, 4.0, 1.0, 2.0]]), tf.zeros([1, 4, 4]), anchors_,
+                     tf.constant([[100.0, 100.0]]), training=False)
+    np.testing.assert_allclose(boxes.numpy()[0], [[30, 30, 50, 50]] + [[0] * 4] * 3, atol=1e-5)
+
+
+def test_proposal_generator_keeps_a_box_exactly_one_pixel_wide():
+    anchors_ = tf.constant([[10, 10, 20, 11], [40, 40, 41, 60]], tf.float32)
+    layer = rpn.ProposalGenerator(pre_nms_top_k_test=10, num_proposals_test=2)
+    boxes, _ = layer(tf.constant([[2.0, 1.0]]), tf.zeros([1, 2, 4]), anchors_,
+                     tf.constant([[100.0, 100.0]]), training=False)
+    np.testing.assert_allclose(boxes.numpy()[0], anchors_.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------ sampling: no negative wanted --
+
+def test_sample_balanced_draws_no_negative_when_positives_fill_the_sample():
+    positive = np.arange(20)[None] < 10
+    chosen = sampling.sample_balanced(tf.constant(positive), tf.constant(~positive), 4, 1.0,
+                                      seed=tf.constant([1, 2])).numpy()
+    assert (chosen & positive).sum() == 4
+    assert (chosen & ~positive).sum() == 0
+
+
+# ------------------------------------ detection: per-axis scales and offsets --
+
+def test_to_original_normalized_uses_the_y_and_x_scales_apart():
+    # Original 200 x 400 resized by (0.5, 0.25) to 100 x 100. Image 0: [10, 20, 50, 80] ->
+    # [20, 80, 100, 320] original pixels -> [0.1, 0.2, 0.5, 0.8]. Image 1, offset (4, 8):
+    # [(10+4)/0.5/200, (20+8)/0.25/400, (50+4)/0.5/200, (80+8)/0.25/400].
+    info = tf.constant([[[200, 400], [100, 100], [0.5, 0.25], [0, 0]],
+                        [[200, 400], [100, 100], [0.5, 0.25], [4, 8]]], tf.float32)
+    boxes = tf.constant([[[10, 20, 50, 80]], [[10, 20, 50, 80]]], tf.float32)
+    np.testing.assert_allclose(detection.to_original_normalized(boxes, info).numpy(),
+                               [[[0.1, 0.2, 0.5, 0.8]], [[0.14, 0.28, 0.54, 0.88]]], atol=1e-6)

@@ -15,8 +15,10 @@ import tf_keras
 from rfcn_tf import configs
 from rfcn_tf.modeling import LOSS_KEYS, RfcnModel, build_model, ohem, roi_targets
 from rfcn_tf.modeling import losses as losses_lib
+from rfcn_tf.modeling import rpn_targets
 from rfcn_tf.modeling.builder import validate_model_config
 from test_model_losses import _np_ohem, _np_top_b
+from test_model_components import _np_encode, _np_iou
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
@@ -497,3 +499,78 @@ def test_second_stage_loss_uses_the_selected_rois(use_ohem, monkeypatch):
     class_loss, box_loss = _np_rfcn_losses(ce, box, labels, expected)
     assert out["rfcn_class_loss"].numpy() == pytest.approx(class_loss, rel=1e-5)
     assert out["rfcn_box_loss"].numpy() == pytest.approx(box_loss, rel=1e-5)
+
+
+def _recorded_call(records, name, function):
+    """`function`, appending to records[name] at each call (args, kwargs, result), every
+    tensor in them (also inside dicts) as a NumPy array."""
+    def numpy(value):
+        return value.numpy() if isinstance(value, tf.Tensor) else value
+
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        records[name].append(tf.nest.map_structure(numpy, (args, kwargs, result)))
+        return result
+    return wrapper
+
+
+def test_the_labellers_and_the_rpn_loss_get_the_configured_sections(monkeypatch):
+    """The model labels anchors with cfg.rpn, RoIs with cfg.roi_sampler (every value here
+    differs from the defaults) and normalises the RPN score loss by the configured
+    rpn.batch_size_per_image: the labels obey the configured thresholds (NumPy IoUs), and
+    the score loss is the NumPy cross-entropy of the sampled anchors / (B * 32)."""
+    tf_keras.utils.set_random_seed(2)
+    cfg = mtu.tiny_config(psroi_impl="portable")
+    cfg.rpn.batch_size_per_image, cfg.rpn.positive_fraction = 32, 0.25
+    cfg.rpn.foreground_iou, cfg.rpn.background_iou = 0.6, 0.2
+    cfg.roi_sampler.foreground_iou, cfg.roi_sampler.background_iou_high = 0.6, 0.55
+    cfg.roi_sampler.background_iou_low = 0.1
+    cfg.roi_sampler.box_stds = [0.2, 0.2, 0.1, 0.1]
+    model = build_model(cfg)
+    # Batch seed 7: image 1 has a proposal at IoU 0.68 with its gt, image 0's best is at
+    # 0.58 (foreground under the default foreground_iou 0.5, not under 0.6).
+    records = {"anchors": [], "rois": [], "rpn_losses": []}
+    for module, name, key in [(rpn_targets, "label_anchors_as_configured", "anchors"),
+                              (roi_targets, "label_rois_as_configured", "rois"),
+                              (losses_lib, "rpn_losses", "rpn_losses")]:
+        monkeypatch.setattr(module, name, _recorded_call(records, key, getattr(module, name)))
+    out = model.compute_losses(dict(mtu.random_batch(2, 64, 96, seed=7),
+                                    sampling_seed=tf.constant([5, 6])), training=False)
+    [((anchors, gt_boxes, gt_valid, rpn_config), _, anchor_targets)] = records["anchors"]
+    [((proposals, proposal_valid, _, _, _, sampler_config), _, labelled)] = records["rois"]
+    [((scores, _, score_targets, _), loss_kwargs, _)] = records["rpn_losses"]
+    assert rpn_config == cfg.rpn and sampler_config == cfg.roi_sampler
+
+    # Anchors: at most 32 * 0.25 = 8 positives and 32 sampled per image; a positive has
+    # IoU >= 0.6 or is a gt box's best anchor, a negative IoU < 0.2.
+    np.testing.assert_array_equal(score_targets, anchor_targets["score_targets"])
+    for image in range(2):
+        iou = _np_iou(anchors, gt_boxes[image][gt_valid[image]])
+        best = (iou == iou.max(0, keepdims=True)).any(1)
+        positive, negative = score_targets[image] == 1, score_targets[image] == 0
+        assert 0 < positive.sum() <= 8 and positive.sum() + negative.sum() == 32
+        assert ((iou.max(1) >= 0.6) | best)[positive].all()
+        assert (iou.max(1) < 0.2)[negative].all()
+    assert loss_kwargs["batch_size_per_image"] == 32
+    sampled = score_targets >= 0
+    x, z = scores[sampled], score_targets[sampled]
+    cross_entropy = np.maximum(x, 0) - x * z + np.log1p(np.exp(-np.abs(x)))
+    assert out["rpn_score_loss"].numpy() == pytest.approx(cross_entropy.sum() / (2 * 32),
+                                                          rel=1e-5)
+
+    # RoIs (the gt rows mixed in after the proposals): foreground at IoU >= 0.6,
+    # background in [0.1, 0.55) (some valid RoIs lie below 0.1), box targets divided by
+    # the stds (0.2, 0.2, 0.1, 0.1).
+    valid = np.concatenate([proposal_valid, gt_valid], axis=1)
+    best_iou = np.stack([_np_iou(labelled["rois"][i], gt_boxes[i][gt_valid[i]]).max(1)
+                         for i in range(2)])
+    np.testing.assert_array_equal(labelled["foreground"], valid & (best_iou >= 0.6))
+    np.testing.assert_array_equal(labelled["background"],
+                                  valid & (best_iou >= 0.1) & (best_iou < 0.55))
+    assert (valid & (best_iou < 0.1)).any()
+    num_proposals = proposals.shape[1]
+    image, roi = np.argwhere(labelled["foreground"][:, :num_proposals])[0]
+    gt_index = _np_iou(proposals[image, roi][None], gt_boxes[image]).argmax()
+    np.testing.assert_allclose(labelled["box_targets"][image, roi],
+                               _np_encode(gt_boxes[image, gt_index], proposals[image, roi],
+                                          weights=(5, 5, 10, 10)), atol=1e-4)

@@ -274,3 +274,26 @@ def test_a_custom_op_export_loads_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "plain load: RuntimeError" in result.stdout, result.stdout
     assert re.search(r"detections: \(1, \d+, 4\)", result.stdout), result.stdout
+
+
+def test_json_sizes_and_pixel_boxes_of_a_non_square_image(export_path, tmp_path):
+    """A 128 x 96 (height x width) crop of the scene keeps the whole square: the JSON gives
+    the file's height and width, box_pixels = box_normalized * (H, W, H, W), and the
+    square's pixel box is on its ground truth (in the crop's pixels, as in the scene's)."""
+    crop = ef.scene()[:, :96]
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    result = predictor.predict_files(predictor.load_detector(export_path),
+                                     [str(tmp_path / "crop.png")], str(tmp_path / "out"),
+                                     min_score=0.5, show_progress=False)
+    record = json.loads((tmp_path / "out" / "crop.json").read_text())
+    assert result["written"] == [str(tmp_path / "out" / "crop.json")]
+    assert (record["height"], record["width"]) == (128, 96)
+    keys = ("ymin", "xmin", "ymax", "xmax")
+    for detection in record["detections"]:
+        normalized = np.array([detection["box_normalized"][k] for k in keys])
+        np.testing.assert_allclose([detection["box_pixels"][k] for k in keys],
+                                   normalized * [128, 96, 128, 96], rtol=1e-6)
+    squares = [d for d in record["detections"] if d["class_name"] == "square"]
+    assert squares
+    box = np.array([[squares[0]["box_pixels"][k] for k in keys]])
+    assert ef.iou(box, ef.GT_BOXES[:1])[0] > 0.7
