@@ -865,13 +865,14 @@ def test_proposal_generator_keeps_the_pre_nms_top_k_of_the_mode():
     np.testing.assert_allclose(proposals(False), anchors_.numpy()[[1, 3, 2, 0]], atol=1e-5)
 
 
-def test_proposal_generator_drops_sides_up_to_min_box_size():
+@pytest.mark.parametrize("min_box_size", [8.0, 8])  # an int too (a Python caller's)
+def test_proposal_generator_drops_sides_up_to_min_box_size(min_box_size):
     # min_box_size 8 drops a box with a side <= 8 (the 5 px box, the exactly 8 px box and
     # one 8 px high, 20 px wide), whatever its score, and keeps the 20 px box.
     anchors_ = tf.constant([[0, 0, 5, 5], [10, 10, 18, 18], [30, 30, 50, 50],
                             [60, 10, 68, 30]], tf.float32)
     layer = rpn.ProposalGenerator(pre_nms_top_k_test=10, num_proposals_test=4,
-                                  min_box_size=8.0)
+                                  min_box_size=min_box_size)
     boxes, _ = layer(tf.constant([[3.0, 4.0, 1.0, 2.0]]), tf.zeros([1, 4, 4]), anchors_,
                      tf.constant([[100.0, 100.0]]), training=False)
     np.testing.assert_allclose(boxes.numpy()[0], [[30, 30, 50, 50]] + [[0] * 4] * 3, atol=1e-5)

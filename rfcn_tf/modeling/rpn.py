@@ -88,7 +88,7 @@ class ProposalGenerator(tf_keras.layers.Layer):
         self._config_dict = {
             "pre_nms_top_k_train": pre_nms_top_k_train, "pre_nms_top_k_test": pre_nms_top_k_test,
             "num_proposals_train": num_proposals_train, "num_proposals_test": num_proposals_test,
-            "nms_iou": nms_iou, "min_box_size": min_box_size,
+            "nms_iou": nms_iou, "min_box_size": float(min_box_size),
         }
 
     def num_proposals(self, training: bool) -> int:
