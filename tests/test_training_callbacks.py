@@ -143,6 +143,68 @@ def test_best_checkpoint_keeps_the_maximum_across_restarts(tmp_path):
     assert stored == {"metric": "voc07_mAP@0.5", "value": 0.5, "step": 2,
                       "checkpoint": os.path.join(str(tmp_path), "best", "ckpt-2")}
     assert tf.train.latest_checkpoint(str(tmp_path / "best")).endswith("ckpt-2")
+    assert _checkpoints_in(tmp_path / "best") == ["ckpt-2"]  # ckpt-1 was replaced
+
+
+def _checkpoints_in(directory):
+    """Names of the checkpoints (by their .index files) in `directory`, sorted by step."""
+    names = [os.path.basename(p)[:-len(".index")] for p in glob.glob(str(directory / "*.index"))]
+    return sorted(names, key=lambda name: int(name.split("-")[1]))
+
+
+def test_latest_checkpoint_keeps_the_last_max_to_keep(tmp_path):
+    model = _toy([1.0])
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    _fit(model, [cb.LatestCheckpoint(checkpoint, str(tmp_path), 2,
+                                     tf.distribute.get_strategy())], epochs=4, steps=1)
+    assert _checkpoints_in(tmp_path) == ["ckpt-3", "ckpt-4"]
+
+
+def _best_of(tmp_path, metric, values, initial_epoch=0):
+    """BestCheckpoint(metric) after epochs logging `values` as val_<metric>, one a step."""
+    model = _toy([1.0])
+    model.optimizer.iterations.assign(initial_epoch)
+    logged = iter(values)
+
+    class FakeEval(tf_keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_" + cb.log_key(metric)] = next(logged)
+
+    best = cb.BestCheckpoint(tf.train.Checkpoint(model=model), str(tmp_path), metric,
+                             tf.distribute.get_strategy())
+    _fit(model, [FakeEval(), best], epochs=initial_epoch + len(values), steps=1,
+         initial_epoch=initial_epoch)
+    return best.best
+
+
+def test_a_tie_does_not_replace_the_best_checkpoint(tmp_path):
+    assert _best_of(tmp_path, "AP", [0.5, 0.5])["step"] == 1
+    assert _checkpoints_in(tmp_path / "best") == ["ckpt-1"]
+
+
+def test_best_checkpoint_starts_over_when_the_metric_changes(tmp_path):
+    """A best value of another metric (eval.best_metric changed) is not compared with:
+    the first value of the new metric is the best, however it compares with the old."""
+    assert _best_of(tmp_path, "AP", [0.9])["value"] == 0.9
+    best = _best_of(tmp_path, "voc07_mAP@0.5", [0.3], initial_epoch=1)
+    assert best == {"metric": "voc07_mAP@0.5", "value": 0.3, "step": 2,
+                    "checkpoint": os.path.join(str(tmp_path), "best", "ckpt-2")}
+    assert cb.read_best_metric(str(tmp_path)) == best
+    assert _checkpoints_in(tmp_path / "best") == ["ckpt-2"]
+
+
+def test_backups_come_every_save_freq_batches_of_each_epoch(tmp_path):
+    """save_freq 3, epochs of 5 steps: after batches 3 and 5 (the epoch end) of each
+    epoch, i.e. at steps 3, 5, 8, 10 (a count carried over epochs would give 7, not 8)."""
+    steps = []
+
+    class Recorded(cb.EpochAlignedBackupAndRestore):
+        def _backup(self, epoch, batch=0):
+            steps.append(int(self.model.optimizer.iterations.numpy()))
+            super()._backup(epoch, batch)
+
+    _fit(_toy([1.0]), [Recorded(str(tmp_path / "backup"), save_freq=3)], epochs=2, steps=5)
+    assert steps == [3, 5, 8, 10]
 
 
 def test_best_metric_file_survives_a_write_that_fails_midway(tmp_path, monkeypatch):

@@ -290,8 +290,9 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
     """BackupAndRestore saving every `save_freq` steps inside an epoch and at its end.
 
     tf_keras, with an integer save_freq, backs up every N batches counted from
-    the start of the run, whatever the epoch. Here the last batch of an epoch
-    is never backed up on its own; the epoch end is, after the other
+    the start of the run, whatever the epoch. Here the count starts again at
+    every epoch (backups after batches N, 2N, ... of each epoch), the last
+    batch of an epoch is never backed up on its own; the epoch end is, after the other
     callbacks' epoch-end work (put this callback last). So a run killed after
     an epoch end resumes exactly at the next epoch, and one killed during the
     epoch-end work (evaluation, checkpoints) resumes a few steps before it and
@@ -312,6 +313,7 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
         # The saved counters are this epoch and its last batch index, which
         # tf_keras restores as "start epoch + 1 at batch 0".
         self._backup(epoch=epoch)
+        self._batches_count = 0  # tf_keras' count of batches since the last backup
 
     def _backup(self, epoch, batch=0):
         if not _diverged_now(self.model):
