@@ -227,3 +227,17 @@ def test_a_file_system_without_flock_trains_unlocked_with_a_warning(monkeypatch,
         with loop.exclusive_model_dir(str(tmp_path)):
             ran.append(False)
     assert ran == [True]
+
+
+def test_a_label_map_gap_is_named_by_its_class_id(tmp_path):
+    """Ids 1 and 3 named, id 2 not: class 2 is "class_2" (ids count from 1), for the data's
+    label map and for a recorded one alike, and agrees with any name for class 2."""
+    path = tmp_path / "label_map.pbtxt"
+    path.write_text('item { id: 1 name: "a" }\nitem { id: 3 name: "c" }\n', encoding="utf-8")
+    data = configs.DataConfig(format="voc", path=str(tmp_path), label_map=str(path))
+    names = loop.class_names_of(data, 3, "train_data")
+    assert names == ["a", "class_2", "c"]
+    assert loop._names_of_label_map(str(path)) == names  # pylint: disable=protected-access
+    loop.check_same_classes("model", names, "data", ["a", "b", "c"], "advice")
+    with pytest.raises(configs.ConfigError, match=r"model 3 classes \['a', 'class_2', 'c'\]"):
+        loop.check_same_classes("model", names, "data", ["b", "a", "c"], "advice")

@@ -118,3 +118,16 @@ def test_evaluation_traces_the_detector_once_for_all_image_sizes(data_dir, monke
     results, _ = loop.make_evaluator(config, trainer)()
     assert results["num_images"] == 4 and np.isfinite(results["loss"])
     assert traces == [(None, None, None, 3)]
+
+
+@pytest.mark.parametrize("pipelines, replicas, expected", [
+    (1, 1, 5),   # one device
+    (1, 2, 10),  # MirroredStrategy over 2 devices: 2 batches a step from one pipeline
+    (2, 2, 5),   # 2 workers with a device each: a pipeline each
+    (2, 8, 20),  # 2 workers with 4 devices each
+])
+def test_a_continued_run_starts_each_pipeline_after_the_batches_it_gave(pipelines, replicas,
+                                                                         expected):
+    context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=0,
+                                         num_replicas_in_sync=replicas)
+    assert loop.first_batch_of(5, context) == expected

@@ -407,6 +407,13 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
         return _train(config, model_dir, evaluate, extra_callbacks, strategy, chief, started)
 
 
+def first_batch_of(step: int, context: tf.distribute.InputContext) -> int:
+    """Index of the first batch that an input pipeline gives a run continuing after
+    `step` steps: each pipeline gives one batch per step to each of its local replicas
+    (num_replicas_in_sync / num_input_pipelines, at least 1), so step * that."""
+    return step * max(1, context.num_replicas_in_sync // context.num_input_pipelines)
+
+
 def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
            extra_callbacks: Sequence[tf_keras.callbacks.Callback],
            strategy: tf.distribute.Strategy, chief: bool, started: float) -> TrainingSummary:
@@ -448,10 +455,8 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
     initial_epoch = start_step // train.steps_per_epoch
 
     def train_dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        # Each input pipeline gives one batch per step to each of its replicas.
-        local_replicas = max(1, context.num_replicas_in_sync // context.num_input_pipelines)
         return _build_dataset(config.train_data, train.batch_size, context,
-                              start_batch=start_step * local_replicas)
+                              start_batch=first_batch_of(start_step, context))
 
     train_input = tf_keras.utils.experimental.DatasetCreator(train_dataset)
 
