@@ -25,8 +25,11 @@ def test_conv4_and_conv5_at_stride_16(depth, c4, c5):
     assert odd["conv5"].shape[1:3] == (5, 7)
 
 
-def test_conv5_is_dilated_and_not_strided():
-    net = backbone_lib.RfcnResNet(depth=50, width_multiplier=0.25)
+@pytest.mark.parametrize("depth,num_conv5_3x3", [(18, 4), (50, 3)])
+def test_conv5_is_dilated_and_not_strided(depth, num_conv5_3x3):
+    # Depth 18: two DilatedResidualBlocks of two 3x3 convs each; depth 50: three
+    # official BottleneckBlocks of one 3x3 conv each.
+    net = backbone_lib.RfcnResNet(depth=depth, width_multiplier=0.25)
     net(tf.zeros([1, 32, 32, 3]))
     conv5_3x3 = [layer for block in net.layers if block.name.startswith("conv5_")
                  for layer in block.submodules
@@ -34,7 +37,7 @@ def test_conv5_is_dilated_and_not_strided():
     conv4_3x3 = [layer for block in net.layers if block.name.startswith("conv4_")
                  for layer in block.submodules
                  if isinstance(layer, tf_keras.layers.Conv2D) and layer.kernel_size == (3, 3)]
-    assert len(conv5_3x3) == 3
+    assert len(conv5_3x3) == num_conv5_3x3 and len(conv4_3x3) > 0
     assert all(c.dilation_rate == (2, 2) and c.strides == (1, 1) for c in conv5_3x3)
     assert all(c.dilation_rate == (1, 1) for c in conv4_3x3)
 
@@ -160,3 +163,62 @@ def test_keras_imagenet_weight_mapping_reproduces_keras_conv2():
     np.testing.assert_allclose(got[inner], want[inner], rtol=2e-3, atol=2e-3 * np.abs(want).max())
     with pytest.raises(ValueError, match="ResNet-50 and ResNet-101"):
         imagenet.load_keras_imagenet_weights(backbone_lib.RfcnResNet(depth=18), keras_net)
+
+
+def _np_batch_norm(x, gamma, beta, mean, variance, epsilon):
+    """Inference-mode batch normalisation over the last axis."""
+    return gamma * (x - mean) / np.sqrt(variance + epsilon) + beta
+
+
+def test_dilated_residual_block_computes_dilated_convolutions():
+    """The block in inference mode against conv(dilation 2) -> BN -> relu -> conv(dilation 2)
+    -> BN, plus the identity shortcut, -> relu, computed from its weights independently."""
+    channels, epsilon = 4, 1e-3
+    block = backbone_lib.DilatedResidualBlock(channels, strides=1, dilation_rate=2,
+                                              use_projection=False, norm_epsilon=epsilon)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 9, 11, channels)).astype(np.float32)
+    block(images)  # builds the weights
+    for v in block.weights:  # random kernels; positive variances, non-trivial statistics
+        v.assign((rng.normal(size=v.shape) if "kernel" in v.name
+                  else rng.uniform(0.5, 1.5, v.shape)).astype(np.float32))
+    # pylint: disable=protected-access
+    convs = [block._conv1.kernel.numpy(), block._conv2.kernel.numpy()]
+    norms = [[w.numpy() for w in (n.gamma, n.beta, n.moving_mean, n.moving_variance)]
+             for n in (block._norm1, block._norm2)]
+    # pylint: enable=protected-access
+    dilated = lambda x, kernel: tf.nn.conv2d(x, kernel, strides=1, padding="SAME",  # noqa: E731
+                                             dilations=2).numpy()
+    x = np.maximum(_np_batch_norm(dilated(images, convs[0]), *norms[0], epsilon), 0)
+    x = _np_batch_norm(dilated(x, convs[1]), *norms[1], epsilon)
+    expected = np.maximum(x + images, 0)
+    np.testing.assert_allclose(block(images, training=False).numpy(), expected, rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    """A checkpoint of the backbone up to conv4 lacks every conv5 variable: refused."""
+    source = backbone_lib.RfcnResNet(depth=18, width_multiplier=0.25)
+    truncated = tf_keras.Model(source.input, source.get_layer("block_group_l4").output)
+    prefix = tf.train.Checkpoint(backbone=truncated).write(str(tmp_path / "up_to_conv4"))
+    with pytest.raises(ValueError, match="does not match"):
+        backbone_lib.load_pretrained_backbone(
+            backbone_lib.RfcnResNet(depth=18, width_multiplier=0.25), prefix)
+
+
+def test_norm_momentum_reaches_every_batch_norm():
+    net = backbone_lib.RfcnResNet(depth=18, width_multiplier=0.25, norm_momentum=0.9)
+    norms = [layer for layer in net.submodules
+             if isinstance(layer, tf_keras.layers.BatchNormalization)]
+    # Stem + conv2..conv5 of 2 blocks each, 2 norms per block, 1 more per projection
+    # shortcut (the first block of conv3, conv4 and conv5; conv2's first block too).
+    assert len(norms) == 1 + 4 * 2 * 2 + 4
+    assert all(n.momentum == pytest.approx(0.9) for n in norms)
+    # One training step moves stem_bn's moving mean (initially 0) to 0.1 * the batch mean
+    # of the stem convolution's output.
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    net(images, training=True)
+    stem = tf.nn.conv2d(images, net.get_layer("stem_conv").kernel, strides=2,
+                        padding="SAME").numpy()
+    np.testing.assert_allclose(net.get_layer("stem_bn").moving_mean.numpy(),
+                               0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)

@@ -63,16 +63,18 @@ def test_rpn_losses_by_hand():
 
 
 @pytest.mark.usefixtures("distribution_context")
-def test_rfcn_losses_by_hand_with_weights():
+@pytest.mark.parametrize("delta", [1.0, 1 / 9])
+def test_rfcn_losses_by_hand_with_weights(delta):
     logits = tf.constant([[[2.0, 0.5, -1.0], [0.0, 1.0, 0.0], [0.3, 0.2, 3.0]]])
     labels = tf.constant([[1, 0, 2]])
     weights = tf.constant([[1.0, 1.0, 0.0]])  # RoI 2 not selected
     deltas = tf.constant([[[0.5, -2.0, 0.0, 0.1], [9.0] * 4, [5.0] * 4]])
     targets = tf.constant([[[0.0, 0.0, 0.5, 0.1], [0.0] * 4, [0.0] * 4]])
-    out = losses.rfcn_losses(logits, deltas, labels, targets, weights, huber_delta=1.0)
+    out = losses.rfcn_losses(logits, deltas, labels, targets, weights, huber_delta=delta)
     expected_class = (_ce([2.0, 0.5, -1.0], 1) + _ce([0.0, 1.0, 0.0], 0)) / 2
-    # Only RoI 0 is a selected foreground RoI.
-    expected_box = sum(_huber(d, 1.0) for d in [0.5, -2.0, -0.5, 0.0]) / (4 + 0.01)
+    # Only RoI 0 is a selected foreground RoI. With delta = 1/9 the diffs 0.5, -2.0 and
+    # -0.5 lie in the linear part: 1/9 * (|d| - 1/18).
+    expected_box = sum(_huber(d, delta) for d in [0.5, -2.0, -0.5, 0.0]) / (4 + 0.01)
     assert out["rfcn_class_loss"].numpy() == pytest.approx(expected_class, rel=1e-5)
     assert out["rfcn_box_loss"].numpy() == pytest.approx(expected_box, rel=1e-5)
 

@@ -148,6 +148,18 @@ def test_rounds_halves_away_from_zero(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_integer_rois_pool_like_their_float_values(impl, dtype):
+    k, scale = 3, 1.0 / 16
+    maps, rois = make_case(seed=11, k=k, scale=scale, offset=3.0)
+    integer_rois = np.floor(rois).astype(dtype)
+    out = psroi(maps, integer_rois, k, scale, impl)
+    expected = psroi_pool_forward(maps, integer_rois.astype(np.float32), k, scale)
+    assert out.dtype == tf.float32 and out.shape == expected.shape
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_position_sensitive_channel_selection(impl):
     # k = 2, D = 2, channel c is the constant c: output (0, i, j, d) must read channel
     # (d*k + i)*k + j and so equal that number.
@@ -251,6 +263,8 @@ def test_no_gradient_wrt_rois(impl):
 BAD_INPUTS = {
     # name: (maps shape, rois, group_size, spatial_scale, message pattern)
     "channels_not_divisible": ((1, 4, 4, 10), [[0, 0, 0, 2, 2]], 3, 1.0, "divisible"),
+    # 12 is a multiple of k = 3 but not of k*k = 9.
+    "channels_multiple_of_k_only": ((1, 4, 4, 12), [[0, 0, 0, 2, 2]], 3, 1.0, "divisible"),
     "rois_not_5_columns": ((1, 4, 4, 9), [[0, 0, 0, 2]], 3, 1.0, r"\[R, 5\]"),
     "rois_rank_1": ((1, 4, 4, 9), [0, 0, 0, 2, 2], 3, 1.0, r"\[R, 5\]"),
     "maps_rank_3": ((4, 4, 9), [[0, 0, 0, 2, 2]], 3, 1.0, "score_maps must be (4-D|rank 4)"),
@@ -262,6 +276,7 @@ BAD_INPUTS = {
     "coordinate_inf": ((1, 4, 4, 9), [[0, 0, 0, np.inf, 2]], 3, 1.0, "non-finite"),
     "coordinate_nan": ((1, 4, 4, 9), [[0, np.nan, 0, 2, 2]], 3, 1.0, "non-finite"),
     "group_size_zero": ((1, 4, 4, 9), [[0, 0, 0, 2, 2]], 0, 1.0, "group_size"),
+    "group_size_bool": ((1, 4, 4, 1), [[0, 0, 0, 2, 2]], True, 1.0, "group_size"),
     # 46341**2 > 2**31 - 1: the number of groups would overflow int32.
     "group_size_too_large": ((1, 4, 4, 0), [[0, 0, 0, 2, 2]], 46341, 1.0, "group_size"),
     "spatial_scale_zero": ((1, 4, 4, 9), [[0, 0, 0, 2, 2]], 3, 0.0, "spatial_scale"),
