@@ -125,6 +125,9 @@ def test_unknown_key_in_override_is_named():
     ("model.backbone.frozen_batch_norm=3", "model.backbone.frozen_batch_norm"),
     ("model.anchor.scales=12", "model.anchor.scales"),
     ("train=3", "train"),
+    ("train.steps=2e4", "train.steps"),  # read as the float 20000.0, not an int
+    ("train.batch_size=true", "train.batch_size"),  # a bool is no int
+    ("train.optimizer.clip_norm=yes", "train.optimizer.clip_norm"),  # YAML 1.1: yes is True
 ])
 def test_wrong_type_is_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -160,6 +163,10 @@ def test_missing_dataset_path_is_a_clear_error(tmp_path):
     ("train.optimizer.schedule=poly", "train.optimizer.schedule"),
     ("eval.metrics=[voc, lvis]", "eval.metrics"),
     ("eval.metrics=[coco],eval.best_metric=voc07_mAP@0.5", "eval.best_metric"),
+    ("eval.iou_threshold=1.5", "eval.iou_threshold"),
+    ("train.max_checkpoints_to_keep=0", "train.max_checkpoints_to_keep"),
+    ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps"),
+    ("train.eval_every_epochs=-1", "train.eval_every_epochs"),
 ])
 def test_inconsistent_settings_are_named(override, fragment):
     config = load_config(os.path.join(REPO, "configs", "rfcn_synthetic.yaml"), override)
@@ -218,3 +225,29 @@ def test_paper_voc_settings():
     assert (config.train_data.short_side, config.train_data.max_side) == (600, 1000)
     assert dataclasses.asdict(config.model.anchor) == {
         "scales": [128.0, 256.0, 512.0], "aspect_ratios": [0.5, 1.0, 2.0]}
+
+
+def test_override_value_may_contain_equals_signs():
+    """Only the first '=' separates the key from the value."""
+    assert load_config(None, "train_data.path=/d/a=b").train_data.path == "/d/a=b"
+
+
+def test_quoted_override_value_may_contain_commas():
+    """A comma inside quotes belongs to the value, not to the list of overrides."""
+    config = load_config(None, "train_data.path='a,b',train.steps=7")
+    assert (config.train_data.path, config.train.steps) == ("a,b", 7)
+
+
+def test_empty_override_value_clears_a_string_setting():
+    """`key=` sets the empty string: here it turns the VOC config's ImageNet start off."""
+    path = os.path.join(REPO, "configs", "rfcn_resnet101_voc.yaml")
+    assert load_config(path).model.backbone.pretrained == "imagenet"
+    assert load_config(path, "model.backbone.pretrained=").model.backbone.pretrained == ""
+
+
+def test_optimizer_defaults_are_the_paper_settings():
+    """DESIGN.md (R-FCN paper settings): "SGD with momentum 0.9 and weight decay 0.0005;
+    lr 0.001, then 0.0001" (a decay factor of 0.1)."""
+    opt = configs.OptimizerConfig()
+    assert (opt.momentum, opt.weight_decay, opt.learning_rate) == (0.9, 0.0005, 0.001)
+    assert opt.decay_factor == pytest.approx(0.0001 / 0.001)

@@ -69,6 +69,12 @@ def test_cosine_schedule_matches_hand_computed_values():
     ({"learning_rate": 0.0}, "learning_rate"),
     ({"decay_factor": 2.0}, "decay_factor"),
     ({"clip_norm": -1.0}, "clip_norm"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"decay_boundaries": [50, 50]}, "decay_boundaries"),
+    ({"decay_boundaries": [0, 50]}, "decay_boundaries"),
+    ({"decay_factor": 0.0}, "decay_factor"),
+    ({"warmup_start_factor": 1.5}, "warmup_start_factor"),
 ])
 def test_bad_schedule_settings_name_the_key(changes, fragment):
     config = OptimizerConfig(**changes)
@@ -120,6 +126,17 @@ def test_global_norm_clipping():
     w = tf.Variable([0.0, 0.0])
     optimizer.apply_gradients([(tf.constant([3.0, 4.0]), w)])  # norm 5 -> scaled by 1/5
     np.testing.assert_allclose(w.numpy(), [-0.06, -0.08], rtol=1e-6)
+
+
+def test_clipping_uses_the_norm_over_all_variables():
+    """Gradients [3, 4] and [0, 12] have global norm sqrt(9 + 16 + 144) = 13, so with
+    clip_norm 1 both are divided by 13 (per-variable clipping would divide by 5 and 12)."""
+    config = OptimizerConfig(learning_rate=0.1, momentum=0.0, clip_norm=1.0)
+    optimizer = optimizer_lib.build_optimizer(config, total_steps=10)
+    w1, w2 = tf.Variable([0.0, 0.0]), tf.Variable([0.0, 0.0])
+    optimizer.apply_gradients([(tf.constant([3.0, 4.0]), w1), (tf.constant([0.0, 12.0]), w2)])
+    np.testing.assert_allclose(w1.numpy(), [-0.1 * 3 / 13, -0.1 * 4 / 13], rtol=1e-6)
+    np.testing.assert_allclose(w2.numpy(), [0.0, -0.1 * 12 / 13], rtol=1e-6, atol=1e-9)
 
 
 def test_weight_decay_covers_kernels_only():
