@@ -13,7 +13,7 @@ import tf_keras
 from rfcn_tf import configs
 from rfcn_tf.training import loop
 from rfcn_tf.training.trainer import DetectionTrainer
-from training_helpers import DEFAULT_CONFIG, ensure_synthetic, tiny_override
+from training_helpers import DEFAULT_CONFIG, ensure_synthetic, scalar_summary_steps, tiny_override
 
 LOSS_KEYS = loop.LOSS_TERMS + ("model_loss", "l2_loss", "loss")
 
@@ -65,7 +65,7 @@ def test_a_diverged_run_keeps_its_last_backup_and_resumes_from_it(data_dir, tmp_
     model_dir = str(tmp_path / "run")
     # One epoch of 3 steps, a backup after every step but the last; step 3 is NaN.
     config = configs.load_config(DEFAULT_CONFIG, tiny_override(
-        data_dir, steps=3, steps_per_epoch=3, batch_size=1))
+        data_dir, steps=3, steps_per_epoch=3, batch_size=1, extra="train.summary_every_steps=1"))
     poison = _PoisonHead(at=2)
     with pytest.raises(loop.TrainingDivergedError, match="diverged at step 3 "):
         loop.run_training(config, model_dir, evaluate=False, extra_callbacks=[poison])
@@ -89,6 +89,10 @@ def test_a_diverged_run_keeps_its_last_backup_and_resumes_from_it(data_dir, tmp_
     assert summary.latest_checkpoint.endswith("ckpt-3")
     assert all(np.isfinite(v).all() for v in summary.final_logs.values())
     assert not os.path.exists(os.path.join(model_dir, "backup"))
+    # TensorBoard's per-step curves continue at the resumed step instead of restarting:
+    # steps 1, 2 and the diverged 3 of the first run, then 3 again.
+    steps = scalar_summary_steps(os.path.join(model_dir, "logs", "train"))
+    assert steps["batch_loss"] == steps["batch_learning_rate"] == [1, 2, 3, 3]
 
 
 def test_evaluation_traces_the_detector_once_for_all_image_sizes(data_dir, monkeypatch):

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from training_helpers import (DEFAULT_CONFIG, ensure_synthetic, python_env, read_train_log,
-                              run, save_tiny_checkpoint, tiny_override, train_command, REPO)
+from training_helpers import (DEFAULT_CONFIG, REPO, ensure_synthetic, python_env, read_train_log,
+                              run, save_tiny_checkpoint, scalar_summary_steps, tiny_override,
+                              train_command)
 
 pytestmark = pytest.mark.slow
 
@@ -138,12 +139,16 @@ def test_sigkill_mid_epoch_then_restart_ends_at_the_same_step(tmp_path):
     assert len(_epoch_ends(model_dir)) == EPOCHS
     # ... and asking for more steps continues from the last checkpoint.
     more = tiny_override(tmp_path / "data", steps=STEPS_PER_EPOCH * (EPOCHS + 1),
-                         steps_per_epoch=STEPS_PER_EPOCH)
+                         steps_per_epoch=STEPS_PER_EPOCH, extra="train.summary_every_steps=1")
     result = run(train_command(model_dir, more))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert f"Continuing from {model_dir}/ckpt-18 (step 18, epoch 4 of 4)" in result.stdout
     assert _epoch_ends(model_dir)[-1] == (EPOCHS, STEPS_PER_EPOCH * (EPOCHS + 1))
     assert [r["step"] for r in read_train_log(model_dir) if r["event"] == "train_begin"][-1] == 18
+    # Its per-step TensorBoard curves continue at step 19 (the earlier runs, summarising
+    # every 100 steps, wrote none).
+    assert scalar_summary_steps(os.path.join(model_dir, "logs", "train"))["batch_loss"] == list(
+        range(19, 19 + STEPS_PER_EPOCH))
 
 
 def test_a_different_model_in_an_existing_model_dir_is_refused(tmp_path):

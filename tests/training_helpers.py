@@ -82,3 +82,16 @@ def save_tiny_checkpoint(model_dir, data_dir, extra=""):
     config = configs.load_config(DEFAULT_CONFIG, tiny_override(data_dir, extra=extra))
     detector = build_model(config.model, load_pretrained=False)
     return tf.train.Checkpoint(model=detector).save(os.path.join(str(model_dir), "ckpt"))
+
+
+def scalar_summary_steps(log_dir):
+    """{tag: [steps]} of the scalar summaries in every event file under log_dir."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=import-outside-toplevel
+    steps = {}
+    for path in sorted(tf.io.gfile.glob(os.path.join(log_dir, "events.*"))):
+        acc = ea.EventAccumulator(path, size_guidance={ea.TENSORS: 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            steps.setdefault(tag, []).extend(e.step for e in acc.Tensors(tag))
+    return steps

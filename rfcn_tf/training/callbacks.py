@@ -135,6 +135,21 @@ def _diverged_now(model: tf_keras.Model) -> bool:
     return True
 
 
+class ContinuedStepCount(tf_keras.callbacks.Callback):
+    """Sets the model's train counter, the step of TensorBoard's per-step summaries, to
+    `start_step` (the optimizer's step when the run starts) when fit begins. fit resets
+    the counter to 0, so a run continued from a ckpt-<step> would write its per-step
+    curves from step 1 again, over the earlier run's (a backup restores the counter
+    itself, to the same step)."""
+
+    def __init__(self, start_step: int):
+        super().__init__()
+        self._start_step = start_step
+
+    def on_train_begin(self, logs=None):
+        self.model._train_counter.assign(self._start_step)  # pylint: disable=protected-access
+
+
 class StopOnNaN(tf_keras.callbacks.Callback):
     """Stops training at the first step whose loss terms are not finite.
 

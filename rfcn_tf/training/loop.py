@@ -451,7 +451,6 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
         _save_config_atomically(config, os.path.join(model_dir, CONFIG_FILE))
         _record_class_names(class_names, model_dir)
     start_step = int(optimizer.iterations.numpy())
-    trainer._train_counter.assign(start_step)  # TensorBoard's batch step continues too.
     initial_epoch = start_step // train.steps_per_epoch
 
     def train_dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -473,7 +472,8 @@ def _train(config: configs.ExperimentConfig, model_dir: str, evaluate: bool,
     # Order matters at an epoch end: evaluation adds val_* logs that the checkpoints,
     # the log file and TensorBoard read; the fault-tolerance backup comes last, so a
     # run killed during the epoch-end work redoes it (see EpochAlignedBackupAndRestore).
-    cbs: List[tf_keras.callbacks.Callback] = [callbacks_lib.StopOnNaN()]
+    cbs: List[tf_keras.callbacks.Callback] = [callbacks_lib.ContinuedStepCount(start_step),
+                                              callbacks_lib.StopOnNaN()]
     cbs += [cb for cb in (eval_cb, latest_cb, best_cb) if cb is not None]
     cbs += [callbacks_lib.TrainingLog(model_dir, strategy),
             tf_keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
