@@ -315,3 +315,17 @@ def test_non_chief_writes_to_a_private_directory():
     with_chief = {"chief": ["c:0"], "worker": ["a:1"]}
     assert not distribution.is_chief(Strategy(Resolver("worker", 0, with_chief)))
     assert distribution.is_chief(Strategy(Resolver("chief", 0, with_chief)))
+
+
+def test_training_log_is_strict_json_with_a_non_finite_loss(tmp_path):
+    """A NaN or infinite log value is written as null (strict JSON has no NaN)."""
+    model = _toy([float("nan"), float("inf")])
+    _fit(model, [cb.TrainingLog(str(tmp_path), tf.distribute.get_strategy())], epochs=2, steps=1)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    with open(tmp_path / cb.TRAIN_LOG_FILE, encoding="utf-8") as f:
+        records = [json.loads(line, parse_constant=refuse) for line in f]
+    assert [r.get("loss", "absent") for r in records] == ["absent", None, None, "absent"]
+    assert records[1]["learning_rate"] == pytest.approx(0.1)
