@@ -316,8 +316,10 @@ class EpochAlignedBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
     see `_diverged_now`), and the end of a diverged run keeps the last backup
     (tf_keras deletes it at the end of a run): running again resumes from it,
     i.e. from the state after the last backed-up step whose variables were all
-    finite. A finished run leaves no backup directory behind (tf_keras deletes this
-    worker's subdirectory; the backup directory goes too once no worker's is left).
+    finite. A finished run leaves no backup directory behind: tf_keras deletes this
+    worker's subdirectory, and the backup directory goes too if it is then empty (in
+    a multi-worker run, whichever worker finishes last removes it; workers finishing
+    at the same moment can leave it there, empty).
     """
 
     def on_train_batch_end(self, batch, logs=None):
