@@ -308,3 +308,23 @@ def test_a_truncated_best_metric_file_is_refused_in_one_line(tmp_path):
     # Refused before anything is written: no config.yaml or label map of this run.
     assert not (model_dir / "config.yaml").exists()
     assert not (model_dir / "label_map.pbtxt").exists()
+
+
+def test_a_two_replica_run_continues_its_input_stream_after_the_batches_it_used(tmp_path):
+    """Two replicas fed by one input pipeline draw two batches a step, so a run continued
+    from ckpt-2 starts its pipeline at batch 2 * 2 = 4, not at batch 2 (which would train
+    the continued steps on batches the first run already used)."""
+    ensure_synthetic(tmp_path / "data")
+    model_dir = str(tmp_path / "run")
+    worker = os.path.join(REPO, "tests", "two_replica_worker.py")
+    start_batches = []
+    for steps in (2, 4):
+        override = tiny_override(tmp_path / "data", steps=steps, steps_per_epoch=2,
+                                 batch_size=1, extra="train.distribution=mirrored")
+        record = str(tmp_path / f"start_batch_{steps}")
+        result = run([sys.executable, worker, DEFAULT_CONFIG, model_dir, override, record])
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        with open(record, encoding="utf-8") as f:
+            start_batches.append(int(f.read()))
+    assert start_batches == [0, 2 * 2]
+    assert _epoch_ends(model_dir) == [(0, 2), (1, 4)]
