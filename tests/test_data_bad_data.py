@@ -661,3 +661,21 @@ def test_tfrecord_conversion_keeps_difficult_and_crowd_flags(tmp_path):
     (stored,) = list(tfrecord.read_examples(result.tfrecord_files[0]))
     np.testing.assert_array_equal(stored.difficult, [False, True])
     np.testing.assert_array_equal(stored.is_crowd, [True, False])
+
+
+@pytest.mark.parametrize("box", [(-9, 5, 0, 30), (5, -9, 25, 0), (H, 5, H + 9, 30),
+                                 (5, W, 25, W + 9)],
+                         ids=["above", "left", "below", "right"])
+def test_a_box_touching_the_image_edge_from_outside_is_dropped_as_outside(box):
+    """A box whose far edge is exactly on the image border holds no pixel of the image:
+    it is 'entirely outside', not clipped to a zero-width box and dropped as degenerate."""
+    report = rpt.DataReport()
+    record = validation.clean_image(1, "edge.jpg", None, H, W,
+                                    [validation.RawObject("cat", None, box), validation.RawObject(
+                                        "dog", None, (0, 0, 1, 1))], LABELS, False, report)
+    assert report.get(rpt.BOXES_DROPPED, validation.REASON_OUTSIDE) == 1
+    assert report.get(rpt.BOXES_DROPPED) == 1
+    assert report.get(rpt.BOXES_FIXED) == 0
+    # A one-pixel box in the corner, touching two edges from inside, is kept as it is.
+    np.testing.assert_allclose(record.boxes, [[0, 0, 1 / H, 1 / W]], rtol=1e-6)
+    np.testing.assert_array_equal(record.classes, [2])
