@@ -96,7 +96,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config_file = FLAGS.config_file or DEFAULT_CONFIG
-    errors = (*cli_errors.USER_ERRORS, loop.CheckpointReadError, loop.TrainingDivergedError)
+    errors = (*cli_errors.USER_ERRORS, loop.CheckpointReadError, loop.TrainingDivergedError,
+              loop.PeerWorkerLostError)
     advice = EVAL_WRITE_ADVICE if FLAGS.mode == "eval" else TRAIN_WRITE_ADVICE
     with cli_errors.exit_on_user_error("rfcn_tf.train", errors, FLAGS.model_dir, advice):
         config = configs.load_config(config_file, FLAGS.params_override)

@@ -1,5 +1,6 @@
 """MultiWorkerMirroredStrategy through TF_CONFIG: 2 worker processes on 127.0.0.1 (CPU)."""
 
+import fcntl
 import json
 import os
 import socket
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from rfcn_tf.configs import ConfigError
-from rfcn_tf.training import distribution
-from training_helpers import DEFAULT_CONFIG, REPO, ensure_synthetic, python_env, tiny_override
+from rfcn_tf.training import distribution, loop
+from training_helpers import (DEFAULT_CONFIG, REPO, ensure_synthetic, python_env, tiny_override,
+                              train_command)
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +32,24 @@ def _free_ports(n):
     return ports
 
 
-def _train_two_workers(model_dir, override, work_dir, timeout=240):
-    """Runs the two worker processes on two free local ports; returns (exit codes, outputs).
+def _run_two_workers(commands, work_dir, timeout=240, stop_at_first_failure=True):
+    """Runs commands[i] as worker i of a two-worker cluster on two free local ports;
+    returns (exit codes, outputs).
 
-    A worker that fails ends the other (which would otherwise wait for its peer)."""
+    With stop_at_first_failure, a worker that fails ends the other (which would otherwise
+    wait for its peer); without it, each runs until it ends or `timeout` passes."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes, logs = [], []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        command = [sys.executable, os.path.join(REPO, "tests", "multiworker_worker.py"),
-                   DEFAULT_CONFIG, model_dir, override, str(work_dir / f"weights{index}.npz")]
         logs.append(open(work_dir / f"worker{index}.log", "w+", encoding="utf-8"))  # pylint: disable=consider-using-with
         processes.append(subprocess.Popen(
-            command, cwd=REPO, env=python_env(TF_CONFIG=json.dumps(tf_config)),
+            commands[index], cwd=REPO, env=python_env(TF_CONFIG=json.dumps(tf_config)),
             stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
     deadline = time.time() + timeout
     try:
         while any(p.poll() is None for p in processes) and time.time() < deadline:
-            if any(p.poll() not in (None, 0) for p in processes):
+            if stop_at_first_failure and any(p.poll() not in (None, 0) for p in processes):
                 break
             time.sleep(0.2)
     finally:
@@ -61,6 +63,14 @@ def _train_two_workers(model_dir, override, work_dir, timeout=240):
         outputs.append(log.read())
         log.close()
     return [process.returncode for process in processes], outputs
+
+
+def _train_two_workers(model_dir, override, work_dir):
+    """Trains with tests/multiworker_worker.py as both workers; see _run_two_workers."""
+    return _run_two_workers(
+        [[sys.executable, os.path.join(REPO, "tests", "multiworker_worker.py"), DEFAULT_CONFIG,
+          model_dir, override, str(work_dir / f"weights{index}.npz")] for index in range(2)],
+        work_dir)
 
 
 def test_two_workers_end_with_identical_weights(tmp_path):
@@ -102,6 +112,30 @@ def test_two_workers_end_with_identical_weights(tmp_path):
     assert changed > 0
     # Non-chief workers write to private directories that are removed after each save.
     assert not [d for d in os.listdir(model_dir) if d.startswith(".worker_")]
+
+
+def test_when_the_chief_is_refused_the_other_worker_ends_with_a_one_line_error(tmp_path):
+    """The chief (worker 0) cannot take model_dir's lock, held here as by another run, and
+    exits; worker 1 then fails at its first collective and must end too, within seconds,
+    with an error that names itself and where the cause is, not wait or crash."""
+    ensure_synthetic(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    override = tiny_override(tmp_path / "data", steps=STEPS, steps_per_epoch=2,
+                             batch_size=BATCH_SIZE, extra="train.distribution=multi_worker")
+    with open(model_dir / loop.LOCK_FILE, "a+", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        codes, outputs = _run_two_workers([train_command(str(model_dir), override)] * 2,
+                                          tmp_path, timeout=120, stop_at_first_failure=False)
+    assert codes == [1, 1], "\n".join(f"worker {index} (exit {code}):\n{output[-2500:]}"
+                                      for index, (code, output) in enumerate(zip(codes, outputs)))
+    assert outputs[0].rstrip().splitlines()[-1].startswith(
+        f"rfcn_tf.train: error: model_dir {model_dir} is in use by another training run")
+    last_line = outputs[1].rstrip().splitlines()[-1]
+    assert last_line.startswith("rfcn_tf.train: error: worker 1 of the multi-worker run "
+                                "stopped: another worker ended or cannot be reached ("), last_line
+    assert last_line.endswith("the cause is in the first failing worker's log, usually the "
+                              "chief's"), last_line
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):

@@ -74,6 +74,11 @@ class ModelDirInUseError(configs.ConfigError):
     """Another process holds model_dir's training lock; the message names it."""
 
 
+class PeerWorkerLostError(RuntimeError):
+    """A multi-worker run's collective failed because another worker ended or cannot be
+    reached; the message names this worker and where the cause is logged."""
+
+
 class CheckpointReadError(ValueError):
     """Checkpoint files that cannot be read (truncated, corrupt, a shard missing); the
     message names the checkpoint, TensorFlow's reason and what to do."""
@@ -395,6 +400,8 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     holds the lock; the other workers of a multi-worker run share model_dir with it),
     ConfigError when model_dir holds a run of another model or other classes, or when
     `evaluate` and the eval_data label map is not train_data's (_check_training_classes).
+    In a multi-worker run, a worker whose peer ended (a refusal above on the chief, a
+    crash, a kill) raises PeerWorkerLostError at its next collective.
     """
     started = time.time()
     train = config.train
@@ -403,8 +410,17 @@ def run_training(config: configs.ExperimentConfig, model_dir: str, evaluate: boo
     strategy = distribution.build_strategy(train.distribution)
     chief = distribution.is_chief(strategy)
     tf.io.gfile.makedirs(model_dir)
-    with exclusive_model_dir(model_dir) if chief else contextlib.nullcontext():
-        return _train(config, model_dir, evaluate, extra_callbacks, strategy, chief, started)
+    try:
+        with exclusive_model_dir(model_dir) if chief else contextlib.nullcontext():
+            return _train(config, model_dir, evaluate, extra_callbacks, strategy, chief, started)
+    except tf.errors.UnavailableError as e:
+        task_type, task_id = distribution.task_type_and_id(strategy)
+        if task_type is None:
+            raise
+        raise PeerWorkerLostError(
+            f"{task_type} {task_id} of the multi-worker run stopped: another worker ended or "
+            f"cannot be reached ({error_line(e)}); the cause is in the first failing "
+            "worker's log, usually the chief's") from e
 
 
 def first_batch_of(step: int, context: tf.distribute.InputContext) -> int:
